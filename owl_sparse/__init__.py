@@ -1,0 +1,36 @@
+"""owl-sparse: prune causal LMs with OWL and serve them with sparse kernels.
+
+The public entry points are imported lazily, so ``import owl_sparse`` stays cheap and
+never touches a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "InputError": "owl_sparse.errors",
+    "load_model": "owl_sparse.models",
+    "find_decoder_blocks": "owl_sparse.models",
+    "find_linears": "owl_sparse.models",
+    "load_text": "owl_sparse.data",
+    "eval_windows": "owl_sparse.data",
+    "calibration_batches": "owl_sparse.data",
+    "perplexity": "owl_sparse.evaluate",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'owl_sparse' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,183 @@
+"""Text sources, calibration batches and evaluation windows.
+
+Text specs accepted by `load_text`:
+
+- a path to a UTF-8 text file;
+- ``wikitext2``: WikiText-2 raw; the test split comes from ``$OWL_SPARSE_DATA`` when the
+  shared data is present, otherwise (and for other splits) from the ``datasets`` library;
+- ``c4``: the C4 English validation shard through the ``datasets`` library;
+- ``pydoc``: English prose that ships with Python itself (the reference-manual topics in
+  ``pydoc_data.topics``, about 465 kB): evaluation text that needs no download.
+
+Evaluation follows the protocol of the Wanda / SparseGPT / OWL papers: the text is tokenized
+once, cut into non-overlapping windows of ``seqlen`` tokens (the tail is dropped), and
+perplexity is exp(mean over windows of the mean next-token NLL in the window).
+Calibration draws ``n`` random windows of ``seqlen`` tokens (seeded) from a token stream.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .models import data_dir
+
+DATASET_NAMES = ("wikitext2", "c4", "pydoc")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """Read a UTF-8 text file; errors name the file and the problem."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"{p}: no such text file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, expected a UTF-8 text file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: not UTF-8 text (byte {e.start})") from e
+    if not text.strip():
+        raise InputError(f"{p}: the text file is empty")
+    return text
+
+
+def pydoc_text() -> str:
+    """English prose shipped with CPython: the topics of the Python reference manual."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def load_text(spec: str | os.PathLike, split: str = "test") -> str:
+    """Resolve a text spec (path or dataset name, see module doc) to a string."""
+    name = str(spec).lower()
+    if name == "pydoc":
+        return pydoc_text()
+    if name == "wikitext2":
+        shared = data_dir()
+        if split == "test" and shared and (shared / "wikitext-2-raw" / "wiki.test.raw").is_file():
+            return read_text(shared / "wikitext-2-raw" / "wiki.test.raw")
+        rows = _dataset("wikitext", "wikitext-2-raw-v1", split)
+        return "\n\n".join(r["text"] for r in rows)
+    if name == "c4":
+        rows = _dataset(
+            "allenai/c4",
+            None,
+            "validation",
+            data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+        )
+        return "\n\n".join(r["text"] for r in rows.select(range(min(3000, len(rows)))))
+    return read_text(spec)
+
+
+def _dataset(path, config, split, **kwargs):
+    try:
+        import datasets
+    except ImportError as e:
+        raise InputError(
+            f"the dataset name needs the 'datasets' package (pip install datasets), "
+            f"or pass a text file path instead of '{path}'"
+        ) from e
+    try:
+        return datasets.load_dataset(path, config, split=split, **kwargs)
+    except Exception as e:  # network, missing cache: one clear line, not a deep traceback
+        raise InputError(f"could not load dataset {path} ({split}): {type(e).__name__}: {e}") from e
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize the whole text once, as the perplexity protocol does.
+
+    Returns a 1-D int64 tensor. Special tokens are added as the tokenizer does by default
+    (for LLaMA-style tokenizers: one BOS at the start of the stream).
+    """
+    enc = tokenizer(text, return_tensors="pt")
+    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+    ids = torch.as_tensor(ids).reshape(-1).to(torch.int64)
+    if ids.numel() == 0:
+        raise InputError("the text tokenized to zero tokens")
+    return ids
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Cut a token stream into non-overlapping windows.
+
+    Args:
+        ids: 1-D int64 token stream.
+        seqlen: tokens per window (>= 2).
+        max_windows: keep only the first this many windows.
+
+    Returns:
+        int64 tensor [W, seqlen] with W = min(len(ids) // seqlen, max_windows).
+    """
+    _check_seqlen(seqlen)
+    ids = ids.reshape(-1)
+    count = ids.numel() // seqlen
+    if count == 0:
+        raise InputError(
+            f"the text has {ids.numel()} tokens, shorter than one window of {seqlen} tokens"
+        )
+    if max_windows is not None:
+        if max_windows < 1:
+            raise InputError(f"max_windows must be >= 1, got {max_windows}")
+        count = min(count, max_windows)
+    return ids[: count * seqlen].reshape(count, seqlen).clone()
+
+
+def calibration_batches(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Draw ``n`` random windows of ``seqlen`` tokens from a token stream (seeded).
+
+    Windows may overlap each other (as in the reference code, which samples random
+    positions); the same seed gives the same windows on every machine.
+
+    Returns:
+        int64 tensor [n, seqlen].
+    """
+    _check_seqlen(seqlen)
+    if n < 1:
+        raise InputError(f"the number of calibration samples must be >= 1, got {n}")
+    ids = ids.reshape(-1)
+    if ids.numel() <= seqlen:
+        raise InputError(
+            f"calibration text has {ids.numel()} tokens, too short for windows of {seqlen}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def sample_from_model(model, tokenizer, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Calibration data that needs no text: sequences sampled from the model itself.
+
+    Starts from the BOS token (or token 0) and samples with temperature 1 (top-k 50) —
+    the data-free calibration idea used when no corpus is at hand.
+
+    Returns:
+        int64 tensor [n, seqlen] on the CPU.
+    """
+    _check_seqlen(seqlen)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    start = torch.full((n, 1), 0 if bos is None else bos, dtype=torch.int64)
+    ids = start
+    past = None
+    step_input = start
+    for _ in range(seqlen - 1):
+        out = model(input_ids=step_input.to(device), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float().cpu()
+        top = torch.topk(logits, k=min(50, logits.shape[-1]), dim=-1)
+        probs = torch.softmax(top.values, dim=-1)
+        choice = torch.multinomial(probs, 1, generator=gen)
+        step_input = top.indices.gather(-1, choice)
+        ids = torch.cat([ids, step_input], dim=1)
+    return ids
+
+
+def _check_seqlen(seqlen: int) -> None:
+    if not isinstance(seqlen, int) or seqlen < 2:
+        raise InputError(f"seqlen must be an integer >= 2, got {seqlen!r}")

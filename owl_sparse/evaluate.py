@@ -1,0 +1,97 @@
+"""Perplexity, by the protocol of the Wanda / SparseGPT / OWL papers.
+
+Each window of ``seqlen`` tokens is scored on its own (no context carried across windows);
+the window's loss is the mean NLL of its ``seqlen - 1`` next-token predictions, and
+perplexity is ``exp(mean over windows of the window loss)`` — the same number the
+reference code computes as ``exp(sum(loss * seqlen) / (windows * seqlen))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .models import max_context
+
+
+@dataclass
+class PerplexityResult:
+    """Perplexity and what it was computed on."""
+
+    perplexity: float
+    windows: int
+    seqlen: int
+    tokens: int
+    mean_nll: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of a causal LM over evaluation windows.
+
+    Args:
+        model: a transformers causal LM (dense or with SparseLinear layers); its device is
+            taken from its parameters or buffers.
+        windows: int64 tensor [W, seqlen] from `owl_sparse.data.eval_windows`.
+        batch_size: windows per forward pass (the result does not depend on it).
+        progress: show a progress bar.
+
+    Returns:
+        `PerplexityResult`.
+
+    Raises:
+        InputError: empty windows, or seqlen beyond the model's context length.
+    """
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise InputError(f"windows must be a [W, seqlen>=2] tensor, got {tuple(windows.shape)}")
+    seqlen = windows.shape[1]
+    limit = max_context(model)
+    if limit is not None and seqlen > limit:
+        raise InputError(f"seqlen {seqlen} exceeds the model's context length {limit}")
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    losses = []
+    batches = range(0, windows.shape[0], batch_size)
+    for start in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        loss = F.cross_entropy(
+            logits[:, :-1, :].float().reshape(-1, logits.shape[-1]),
+            batch[:, 1:].reshape(-1),
+            reduction="none",
+        ).view(batch.shape[0], -1)
+        losses.append(loss.mean(dim=1).double().cpu())
+    model.train(was_training)
+    per_window = torch.cat(losses)
+    mean_nll = per_window.mean().item()
+    if not math.isfinite(mean_nll):
+        raise FloatingPointError("perplexity is not finite: the model produced NaN or Inf logits")
+    return PerplexityResult(
+        perplexity=math.exp(mean_nll),
+        windows=int(windows.shape[0]),
+        seqlen=int(seqlen),
+        tokens=int(windows.numel()),
+        mean_nll=mean_nll,
+    )
+
+
+def _device_of(model) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")

@@ -1,0 +1,84 @@
+"""owl-sparse: prune LLMs with OWL and serve them with sparse kernels.
+
+The CUDA extension ``owl_sparse._C`` is built only where a CUDA build of torch and
+``nvcc`` exist.  Switches (environment variables):
+
+- ``OWL_SPARSE_SKIP_CUDA_BUILD=1``: never build the extension (pure-Python install;
+  the ops fall back to Triton / the CPU reference, or JIT-build on first use).
+- ``OWL_SPARSE_CUDA_ARCHS="80;90"``: compute capabilities to build for (default 80 and 90).
+- ``OWL_SPARSE_NVCC_THREADS=4``: parallel nvcc threads per compile.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_extensions():
+    """Return the list of extensions to build, empty when CUDA cannot be built here."""
+    if os.environ.get("OWL_SPARSE_SKIP_CUDA_BUILD", "0") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None or shutil.which("nvcc") is None:
+        return [], {}
+    archs = os.environ.get("OWL_SPARSE_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    gencode = []
+    for arch in filter(None, (a.strip() for a in archs)):
+        # sm_90a enables the Hopper-only instructions; plain sm_XX elsewhere.
+        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    threads = os.environ.get("OWL_SPARSE_NVCC_THREADS", "4")
+    sources = sorted(
+        glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp"))
+    )
+    if not sources:
+        return [], {}
+    ext = CUDAExtension(
+        name="owl_sparse._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--threads", threads, "-lineinfo"] + gencode,
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extensions()
+
+setup(
+    name="owl-sparse",
+    version="0.1.0",
+    description="Prune LLMs with OWL and serve them faster than dense with sparse kernels",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["owl_sparse", "owl_sparse.*"]) + ["owl_sparse.kernels"],
+    package_dir={"owl_sparse.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "gguf>=0.10",
+        "accelerate>=0.26",  # transformers needs it to read GGUF files
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5"],
+        "bench": ["matplotlib>=3.5"],
+        "build": ["pybind11>=2.10", "ninja>=1.10"],
+    },
+    entry_points={"console_scripts": ["owl-sparse=owl_sparse.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
