@@ -18,8 +18,29 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _cuda_archs():
+    """Compute capabilities from OWL_SPARSE_CUDA_ARCHS ("80;90", "8.0 9.0" or "80,90")."""
+    spec = os.environ.get("OWL_SPARSE_CUDA_ARCHS", "80;90")
+    archs = []
+    for item in spec.replace(",", ";").replace(" ", ";").split(";"):
+        item = item.strip().lower().removeprefix("sm_").replace(".", "")
+        if not item:
+            continue
+        if not item.isdigit() or int(item) < 80:
+            raise ValueError(
+                f"OWL_SPARSE_CUDA_ARCHS: {item!r} is not a compute capability >= 80 (sm_80)"
+            )
+        archs.append(item)
+    return archs
+
+
 def _cuda_extensions():
-    """Return the list of extensions to build, empty when CUDA cannot be built here."""
+    """Return (extensions, cmdclass); empty when the CUDA extension cannot be built here.
+
+    Built only with a CUDA build of torch and nvcc on PATH (or CUDA_HOME).  Each arch gets
+    SASS (sm_XX); the newest also gets PTX (compute_XX) so newer GPUs can JIT it.  The
+    kernels use no sm_90a-only instructions, so plain sm_90 is enough on Hopper.
+    """
     if os.environ.get("OWL_SPARSE_SKIP_CUDA_BUILD", "0") == "1":
         return [], {}
     try:
@@ -27,26 +48,30 @@ def _cuda_extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None or shutil.which("nvcc") is None:
+    if torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
-    archs = os.environ.get("OWL_SPARSE_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-    gencode = []
-    for arch in filter(None, (a.strip() for a in archs)):
-        # sm_90a enables the Hopper-only instructions; plain sm_XX elsewhere.
-        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    threads = os.environ.get("OWL_SPARSE_NVCC_THREADS", "4")
+    if shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return [], {}
     sources = sorted(
         glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp"))
     )
     if not sources:
         return [], {}
+    archs = _cuda_archs()
+    gencode = []
+    for arch in archs:
+        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    if archs:
+        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    threads = os.environ.get("OWL_SPARSE_NVCC_THREADS", "4")
+    # No -std flag: torch's BuildExtension adds the standard its headers need.
     ext = CUDAExtension(
         name="owl_sparse._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--threads", threads, "-lineinfo"] + gencode,
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--threads", threads, "-lineinfo"] + gencode,
         },
     )
     return [ext], {"build_ext": BuildExtension}
@@ -63,6 +88,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["owl_sparse", "owl_sparse.*"]) + ["owl_sparse.kernels"],
     package_dir={"owl_sparse.kernels": "kernels"},
+    package_data={"owl_sparse": ["dispatch_tables/*.json", "dispatch_tables/*.md"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

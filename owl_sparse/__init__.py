@@ -19,6 +19,11 @@ _EXPORTS = {
     "eval_windows": "owl_sparse.data",
     "calibration_batches": "owl_sparse.data",
     "perplexity": "owl_sparse.evaluate",
+    "SparseLinear": "owl_sparse.nn",
+    "SparsifyReport": "owl_sparse.nn",
+    "sparsify_": "owl_sparse.nn",
+    "generate": "owl_sparse.serve",
+    "GenerateResult": "owl_sparse.serve",
 }
 
 

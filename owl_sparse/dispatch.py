@@ -1,0 +1,357 @@
+"""Which implementation runs a sparse linear op on CUDA: backend registry and dispatch table.
+
+Backends
+--------
+A backend is ``fn(x2d, packed, bias) -> y2d``: ``x2d`` the activation ``[T, K]``
+(contiguous, same dtype as the packed values), ``packed`` a :class:`BitmapWeight` or
+:class:`Sparse24Weight`, ``bias`` ``[N]`` or None; it returns a new ``[T, N]`` tensor.
+Built in: ``"dense"`` for every format (``F.linear`` on a dense copy materialised once per
+packed weight and cached), ``"triton_gemv"`` and ``"triton_mm"`` (bitmap) and
+``"triton_gemv"`` (2:4).  ``owl_sparse.cuda_ext`` adds ``"cuda_mma"`` (bitmap) and
+``"cuda_sp"`` (2:4) through :func:`register_backend` when its extension loads.
+
+Choice, in order (see :func:`choose_backend`)
+--------------------------------------------
+1. a forced backend: :func:`force_backend` or ``OWL_SPARSE_BACKEND="bitmap=triton_mm,2:4=dense"``;
+2. the measured table: JSON files in ``owl_sparse/dispatch_tables/`` (and any listed in
+   ``OWL_SPARSE_DISPATCH_TABLES``, separated by ``os.pathsep``), written by the GPU
+   benchmarks with :func:`save_table`.  Schema::
+
+       {"gpu": "NVIDIA H100 80GB HBM3",
+        "entries": [{"fmt": "bitmap", "dtype": "float16", "N": 4096, "K": 4096,
+                     "tokens": 16, "sparsity": 0.7, "backend": "triton_gemv",
+                     "why": "2.1x dense"}, ...]}
+
+   ``tokens`` is the bucket: the next power of two >= the token count.  Among the entries
+   matching (GPU name, fmt, dtype, N, K, bucket) the one with the nearest ``sparsity`` wins.
+   The benchmark writes ``"dense"`` wherever no kernel beats dense, so the table never
+   picks a kernel slower than dense.
+3. default rules for shapes the table does not cover (unmeasured, conservative):
+   bitmap at sparsity >= 0.5 and <= 16 tokens, and 2:4 at <= 16 tokens, use the first
+   available of ``cuda_mma`` / ``cuda_sp`` then ``triton_gemv``; everything else runs dense.
+
+The dense cache holds one dense copy per packed weight (keyed on its storages, dropped
+when they are freed).  ``OWL_SPARSE_DENSE_CACHE_MB`` caps it (default: no cap); past the
+cap the dense backend unpacks on every call instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("bitmap", "2:4")
+TABLE_DIR = Path(__file__).resolve().parent / "dispatch_tables"
+DEFAULT_ORDER = {"bitmap": ("cuda_mma", "triton_gemv"), "2:4": ("cuda_sp", "triton_gemv")}
+DEFAULT_MAX_TOKENS = 16
+DEFAULT_MIN_SPARSITY = 0.5
+
+
+@dataclass(frozen=True)
+class Backend:
+    fmt: str
+    name: str
+    fn: Callable
+    available: Callable[[], bool]
+
+
+_BACKENDS: dict[str, dict[str, Backend]] = {f: {} for f in FORMATS}
+_FORCED: dict[str, str] = {}
+
+
+def register_backend(
+    fmt: str, name: str, fn: Callable, available: Callable[[], bool] | None = None
+):
+    """Register (or replace) backend ``name`` for ``fmt``; ``available()`` says if it can run."""
+    if fmt not in _BACKENDS:
+        raise InputError(f"register_backend: unknown format {fmt!r}; expected one of {FORMATS}")
+    _BACKENDS[fmt][name] = Backend(fmt, name, fn, available or (lambda: True))
+
+
+def backends(fmt: str, only_available: bool = False) -> list[str]:
+    """Names of the backends registered for ``fmt`` (optionally only those available now)."""
+    _load_plugins()
+    regs = _BACKENDS.get(fmt, {})
+    return [n for n, b in regs.items() if not only_available or _is_available(b)]
+
+
+def _is_available(b: Backend) -> bool:
+    try:
+        return bool(b.available())
+    except Exception as exc:  # an availability probe must never break dispatch
+        log.warning("backend %s/%s availability check failed: %s", b.fmt, b.name, exc)
+        return False
+
+
+def token_bucket(tokens: int) -> int:
+    """The table's token bucket: the next power of two >= ``tokens`` (1 for 0 or 1)."""
+    return 1 if tokens <= 1 else 1 << (int(tokens) - 1).bit_length()
+
+
+@contextlib.contextmanager
+def force_backend(fmt: str, name: str):
+    """Context manager: run every ``fmt`` op through backend ``name`` (tests, benchmarks)."""
+    if name not in backends(fmt):
+        raise InputError(
+            f"force_backend: no backend {name!r} for {fmt!r}; registered: {backends(fmt)}"
+        )
+    old = _FORCED.get(fmt)
+    _FORCED[fmt] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            _FORCED.pop(fmt, None)
+        else:
+            _FORCED[fmt] = old
+
+
+@functools.lru_cache(maxsize=8)
+def _env_forced(spec: str) -> dict[str, str]:
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        fmt, sep, name = part.partition("=")
+        if not sep or fmt.strip() not in FORMATS:
+            raise InputError(
+                f"OWL_SPARSE_BACKEND entry {part!r} must look like 'bitmap=dense' or '2:4=triton_gemv'"
+            )
+        out[fmt.strip()] = name.strip()
+    return out
+
+
+# ---------------------------------------------------------------------------- tables
+def _table_files() -> list[Path]:
+    files = sorted(TABLE_DIR.glob("*.json"))
+    for entry in filter(None, os.environ.get("OWL_SPARSE_DISPATCH_TABLES", "").split(os.pathsep)):
+        p = Path(entry)
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    return files
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict[tuple, list[tuple[float, str, str]]]:
+    table: dict[tuple, list[tuple[float, str, str]]] = {}
+    for path in _table_files():
+        try:
+            doc = json.loads(path.read_text())
+            gpu = str(doc["gpu"])
+            for e in doc["entries"]:
+                key = (gpu, e["fmt"], e["dtype"], int(e["N"]), int(e["K"]), int(e["tokens"]))
+                table.setdefault(key, []).append(
+                    (float(e.get("sparsity", 0.5)), e["backend"], e.get("why", ""))
+                )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring dispatch table %s: %s", path, exc)
+    return table
+
+
+def reload_tables() -> None:
+    """Forget the loaded tables (after writing a new one)."""
+    _table.cache_clear()
+
+
+def save_table(path: str | os.PathLike, gpu: str, entries: list[dict]) -> Path:
+    """Write a dispatch table (schema in the module docstring); checks every entry's fields."""
+    need = {"fmt": str, "dtype": str, "N": int, "K": int, "tokens": int, "backend": str}
+    for i, e in enumerate(entries):
+        for field, typ in need.items():
+            if not isinstance(e.get(field), typ):
+                raise InputError(
+                    f"dispatch table entry {i} needs {field!r} of type {typ.__name__}: {e}"
+                )
+        if e["fmt"] not in FORMATS or e["tokens"] != token_bucket(e["tokens"]):
+            raise InputError(f"dispatch table entry {i}: bad fmt or non power-of-two tokens: {e}")
+    path = Path(path)
+    path.write_text(json.dumps({"gpu": gpu, "entries": entries}, indent=1) + "\n")
+    reload_tables()
+    return path
+
+
+@functools.lru_cache(maxsize=16)
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def table_lookup(
+    gpu: str, fmt: str, dtype: torch.dtype, n: int, k: int, tokens: int, sparsity: float
+) -> tuple[str, str] | None:
+    """(backend, reason) from the measured tables, or None when no entry matches."""
+    key = (gpu, fmt, _dtype_name(dtype), n, k, token_bucket(tokens))
+    rows = _table().get(key)
+    if not rows:
+        return None
+    near, name, why = min(rows, key=lambda r: abs(r[0] - sparsity))
+    return name, f"table {key} at sparsity {near}: {why}"
+
+
+# ---------------------------------------------------------------------------- choice
+def choose_backend(fmt: str, x2d: Tensor, packed) -> str:
+    """Name of the backend that runs ``fmt`` for activation ``x2d`` [T, K] and ``packed``."""
+    return choose_backend_why(fmt, x2d, packed)[0]
+
+
+def choose_backend_why(fmt: str, x2d: Tensor, packed) -> tuple[str, str]:
+    """(backend name, reason) -- the reason says which rule or table entry decided."""
+    _load_plugins()
+    regs = _BACKENDS[fmt]
+    forced = _FORCED.get(fmt) or _env_forced(os.environ.get("OWL_SPARSE_BACKEND", "")).get(fmt)
+    if forced:
+        if forced not in regs or not _is_available(regs[forced]):
+            raise InputError(
+                f"forced backend {forced!r} for {fmt!r} is not registered or not available"
+            )
+        return forced, "forced"
+    if x2d.device.type != "cuda":
+        return "dense", f"no sparse kernels on {x2d.device.type}"
+    tokens = x2d.shape[0]
+    hit = table_lookup(
+        _gpu_name(x2d.device), fmt, x2d.dtype, packed.N, packed.K, tokens, packed.sparsity
+    )
+    if hit is not None and hit[0] in regs and _is_available(regs[hit[0]]):
+        return hit
+    if tokens <= DEFAULT_MAX_TOKENS and (fmt == "2:4" or packed.sparsity >= DEFAULT_MIN_SPARSITY):
+        for name in DEFAULT_ORDER[fmt]:
+            if name in regs and _is_available(regs[name]):
+                return name, "default rule (unmeasured): sparse kernel for decode"
+    return "dense", "default rule (unmeasured): dense beyond decode or below 50% sparsity"
+
+
+def run(fmt: str, x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
+    """Run the chosen backend: ``y2d [T, N] = x2d @ W^T + bias``."""
+    return _BACKENDS[fmt][choose_backend(fmt, x2d, packed)].fn(x2d, packed, bias)
+
+
+# ---------------------------------------------------------------------------- dense cache
+@dataclass
+class _Cached:
+    refs: tuple
+    versions: tuple
+    dense: Tensor
+
+
+_DENSE: dict[tuple, _Cached] = {}
+_DENSE_BYTES = [0]
+
+
+def _tensors(packed) -> tuple[Tensor, ...]:
+    if packed.fmt == "bitmap":
+        return (packed.bitmap, packed.values, packed.tile_offsets)
+    return (packed.values, packed.meta)
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return 0
+
+
+def _forget(key) -> None:
+    entry = _DENSE.pop(key, None)
+    if entry is not None:
+        _DENSE_BYTES[0] -= entry.dense.numel() * entry.dense.element_size()
+
+
+def dense_weight(packed) -> Tensor:
+    """The dense [N, K] weight of ``packed`` in its dtype, cached per packed storage."""
+    tensors = _tensors(packed)
+    storages = [t.untyped_storage() for t in tensors]
+    key = tuple((id(s), t.storage_offset(), t.numel()) for s, t in zip(storages, tensors))
+    key += (packed.fmt, packed.dtype, packed.device)
+    versions = tuple(_version(t) for t in tensors)
+    entry = _DENSE.get(key)
+    if entry is not None and all(r() is s for r, s in zip(entry.refs, storages)):
+        if entry.versions == versions:
+            return entry.dense
+    _forget(key)
+    dense = packed.to_dense()
+    size = dense.numel() * dense.element_size()
+    limit_mb = float(os.environ.get("OWL_SPARSE_DENSE_CACHE_MB", "-1"))
+    if limit_mb < 0 or _DENSE_BYTES[0] + size <= limit_mb * 2**20:
+        refs = tuple(weakref.ref(s, lambda _, k=key: _forget(k)) for s in storages)
+        _DENSE[key] = _Cached(refs, versions, dense)
+        _DENSE_BYTES[0] += size
+    return dense
+
+
+def clear_dense_cache() -> None:
+    """Drop every cached dense weight."""
+    _DENSE.clear()
+    _DENSE_BYTES[0] = 0
+
+
+def dense_cache_bytes() -> int:
+    return _DENSE_BYTES[0]
+
+
+def _dense_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
+    return F.linear(x2d, dense_weight(packed), bias)
+
+
+# ---------------------------------------------------------------------------- built-ins
+@functools.lru_cache(maxsize=1)
+def _triton_available() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_backend(module: str, func: str) -> Callable:
+    def fn(x2d, packed, bias):
+        return getattr(importlib.import_module(f"owl_sparse.kernels.{module}"), func)(
+            x2d, packed, bias
+        )
+
+    fn.__name__ = f"{module}.{func}"
+    return fn
+
+
+_PLUGINS_TRIED = [False]
+
+
+def _load_plugins() -> None:
+    """Import optional backend providers once (the CUDA extension); log, never raise."""
+    if _PLUGINS_TRIED[0]:
+        return
+    _PLUGINS_TRIED[0] = True
+    if not torch.cuda.is_available():
+        return
+    try:
+        if importlib.util.find_spec("owl_sparse.cuda_ext") is not None:
+            importlib.import_module("owl_sparse.cuda_ext")
+    except Exception as exc:
+        log.warning("owl_sparse.cuda_ext could not be loaded (%s); using Triton / dense", exc)
+
+
+for _fmt in FORMATS:
+    register_backend(_fmt, "dense", _dense_backend)
+register_backend(
+    "bitmap", "triton_gemv", _triton_backend("bitmap_gemv", "bitmap_gemv"), _triton_available
+)
+register_backend(
+    "bitmap", "triton_mm", _triton_backend("bitmap_mm", "bitmap_mm"), _triton_available
+)
+register_backend(
+    "2:4", "triton_gemv", _triton_backend("sparse24_gemv", "sparse24_gemv"), _triton_available
+)

@@ -1,0 +1,63 @@
+"""Packed sparse weight formats: frozen dataclasses of tensors with pack / unpack.
+
+- :class:`BitmapWeight` (``"bitmap"``): unstructured sparsity, 16 x 128 tiles, one bit per
+  position plus the kept values; 1/8 + 2(1-s) bytes per fp16 weight.
+- :class:`Sparse24Weight` (``"2:4"``): at most 2 kept entries per 4 columns; 1.125 bytes per
+  fp16 weight.
+
+Both offer ``from_dense(weight, mask=None)``, ``to_dense()``, ``mask()``, ``nbytes``,
+``sparsity``, ``validate()``, ``state_dict(prefix)`` / ``from_state_dict(state, prefix)``
+and ``to(device, dtype)``.  The exact layouts are in the modules' docstrings; the
+compressed-tensors interchange is in :mod:`owl_sparse.formats.compressed_tensors`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..errors import InputError
+from .bitmap import VALUES_PAD, BitmapWeight
+from .compressed_tensors import from_compressed_tensors, to_compressed_tensors
+from .sparse24 import Sparse24Weight, is_24_mask
+
+FORMATS = {"bitmap": BitmapWeight, "2:4": Sparse24Weight}
+
+__all__ = [
+    "FORMATS",
+    "VALUES_PAD",
+    "BitmapWeight",
+    "Sparse24Weight",
+    "from_compressed_tensors",
+    "from_state_dict",
+    "is_24_mask",
+    "pack",
+    "to_compressed_tensors",
+]
+
+
+def pack(weight: Tensor, mask: Tensor | None = None, format: str = "bitmap"):
+    """Pack a dense weight [N, K] into ``format``: "bitmap", "2:4" or "auto".
+
+    "auto" picks 2:4 when the mask (default ``weight != 0``) is 2:4, else bitmap.
+    """
+    if format == "auto":
+        m = weight != 0 if mask is None else mask
+        format = "2:4" if isinstance(m, Tensor) and is_24_mask(m) else "bitmap"
+    cls = FORMATS.get(format)
+    if cls is None:
+        raise InputError(
+            f"unknown sparse format {format!r}; expected one of {sorted(FORMATS)} or 'auto'"
+        )
+    return cls.from_dense(weight, mask)
+
+
+def from_state_dict(state: dict[str, Tensor], prefix: str = "", validate: bool = True):
+    """Rebuild a packed weight from a flat state dict, recognising the format by its keys."""
+    if prefix + "bitmap" in state:
+        return BitmapWeight.from_state_dict(state, prefix, validate)
+    if prefix + "meta" in state:
+        return Sparse24Weight.from_state_dict(state, prefix, validate)
+    raise InputError(
+        f"no packed weight under prefix {prefix!r}: expected {prefix}bitmap (bitmap) "
+        f"or {prefix}meta (2:4) among {sorted(state)[:8]}"
+    )
