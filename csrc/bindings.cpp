@@ -1,0 +1,270 @@
+// Thin torch binding of the owl-sparse CUDA kernels: validates tensors (errors name the
+// shapes), allocates the output and the split-K workspace, launches on the current
+// stream.  Registered as internal ops of the library `owl_sparse_C`; the public ops
+// (owl_sparse::bitmap_linear / sparse24_linear) reach them through the dispatch table
+// (owl_sparse/cuda_ext.py registers the backends "cuda_mma" and "cuda_sp").
+//
+//   owl_sparse_C::sparse24_mm(x, values_mma, meta_mma, n, k, bias=None, split_k=0) -> y
+//   owl_sparse_C::bitmap_mm(x, bitmap, values, tile_offsets, n, k, bias=None, split_k=0) -> y
+//   owl_sparse_C::plan(kind, t, n, k, split_k) -> [config, block_m, block_n, grid_m,
+//                                                   grid_n, splits, smem_bytes]
+//
+// split_k = 0 chooses automatically; > 0 forces that many K splits (tests, benchmarks).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "owl_sparse_kernels.h"
+
+namespace {
+
+constexpr int64_t kStageK = 128;
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// The kernels read 16-byte granules: a view that starts mid-allocation gets copied.
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return aligned16(c) ? c : c.clone();
+}
+
+owl::DType check_x(const at::Tensor& x, int64_t n, int64_t k, const char* op) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, K], got ", shape_str(x));
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float16 or bfloat16, got ", x.scalar_type(), " (fp32 weights use the dense or Triton path)");
+  TORCH_CHECK(n >= 1 && k >= 1, op, ": bad weight shape N=", n, ", K=", k);
+  TORCH_CHECK(x.size(1) == k, op, ": x ", shape_str(x), " does not match the weight [N, K] = [", n,
+              ", ", k, "]");
+  TORCH_CHECK(x.size(0) <= INT32_MAX && n * k < (int64_t(1) << 31), op, ": shape too large: x ",
+              shape_str(x), ", weight [", n, ", ", k, "]");
+  return x.scalar_type() == at::kHalf ? owl::DType::kHalf : owl::DType::kBFloat16;
+}
+
+void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n,
+                const char* op) {
+  if (!bias.has_value()) return;
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.device() == x.device(), op, ": bias is on ", b.device(), ", x on ", x.device());
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == n, op, ": bias must be [", n, "], got ", shape_str(b));
+  TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, ": bias dtype ", b.scalar_type(),
+              " must match x dtype ", x.scalar_type());
+}
+
+void check_same(const at::Tensor& t, const at::Tensor& x, const char* name, const char* op) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", x on ",
+              x.device());
+}
+
+// Workspace for split-K: fp32 partials [splits, T, N] and zeroed int32 tile counters.
+struct Workspace {
+  at::Tensor partials, counters;
+};
+
+Workspace make_workspace(const owl::LaunchPlan& plan, const at::Tensor& x) {
+  Workspace w;
+  if (plan.splits > 1) {
+    w.partials = at::empty({plan.partial_elems}, x.options().dtype(at::kFloat));
+    w.counters = at::zeros({plan.counter_elems}, x.options().dtype(at::kInt));
+  }
+  return w;
+}
+
+at::Tensor sparse24_mm(const at::Tensor& x_in, const at::Tensor& values_mma,
+                       const at::Tensor& meta_mma, int64_t n, int64_t k,
+                       const c10::optional<at::Tensor>& bias, int64_t split_k) {
+  const char* op = "owl_sparse_C::sparse24_mm";
+  const owl::DType dt = check_x(x_in, n, k, op);
+  TORCH_CHECK(k % 4 == 0, op, ": 2:4 needs K % 4 == 0, got K=", k);
+  const int64_t np = (n + 15) / 16 * 16, kp = (k + kStageK - 1) / kStageK * kStageK;
+  check_same(values_mma, x_in, "values_mma", op);
+  check_same(meta_mma, x_in, "meta_mma", op);
+  TORCH_CHECK(values_mma.scalar_type() == x_in.scalar_type(), op, ": values_mma dtype ",
+              values_mma.scalar_type(), " must match x dtype ", x_in.scalar_type());
+  TORCH_CHECK(values_mma.numel() == np * kp / 2, op, ": values_mma ", shape_str(values_mma),
+              " must hold Np*Kp/2 = ", np, "*", kp, "/2 = ", np * kp / 2,
+              " elements for weight [", n, ", ", k, "] (use owl_sparse.formats.mma_layout)");
+  TORCH_CHECK(meta_mma.scalar_type() == at::kInt, op, ": meta_mma must be int32, got ",
+              meta_mma.scalar_type());
+  TORCH_CHECK(meta_mma.numel() == np / 16 * (kp / kStageK) * 64, op, ": meta_mma ",
+              shape_str(meta_mma), " must be [", np / 16, ", ", kp / kStageK,
+              ", 32, 2] for weight [", n, ", ", k, "]");
+  check_bias(bias, x_in, n, op);
+
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t t = x_in.size(0);
+  at::Tensor y = at::empty({t, n}, x_in.options());
+  if (t == 0) return y;
+  const at::Tensor x = aligned_contiguous(x_in);
+  const at::Tensor v = aligned_contiguous(values_mma);
+  const at::Tensor m = aligned_contiguous(meta_mma);
+  at::Tensor b;
+  if (bias.has_value()) b = bias->contiguous();
+
+  owl::LaunchPlan plan;
+  cudaError_t err = owl::sparse24_plan((int)t, (int)n, (int)k, (int)split_k,
+                                       x.device().index(), &plan);
+  TORCH_CHECK(err == cudaSuccess, op, ": planning failed for x ", shape_str(x), ", weight [", n,
+              ", ", k, "]: ", cudaGetErrorString(err));
+  Workspace ws = make_workspace(plan, x);
+  owl::Sparse24Args a;
+  a.x = x.data_ptr();
+  a.values_mma = v.data_ptr();
+  a.meta_mma = m.data_ptr<int32_t>();
+  a.bias = b.defined() ? b.data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.partials = ws.partials.defined() ? ws.partials.data_ptr<float>() : nullptr;
+  a.counters = ws.counters.defined() ? ws.counters.data_ptr<int32_t>() : nullptr;
+  a.T = (int)t;
+  a.N = (int)n;
+  a.K = (int)k;
+  a.dtype = dt;
+  err = owl::sparse24_run(a, plan, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": launch failed for x ", shape_str(x), ", weight [", n,
+              ", ", k, "] (config ", plan.config, ", ", plan.splits, " splits, ", plan.smem_bytes,
+              " B shared): ", cudaGetErrorString(err));
+  return y;
+}
+
+at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at::Tensor& values,
+                     const at::Tensor& tile_offsets, int64_t n, int64_t k,
+                     const c10::optional<at::Tensor>& bias, int64_t split_k) {
+  const char* op = "owl_sparse_C::bitmap_mm";
+  const owl::DType dt = check_x(x_in, n, k, op);
+  const int64_t np = (n + 15) / 16 * 16, kp = (k + kStageK - 1) / kStageK * kStageK;
+  const int64_t tiles = np / 16 * (kp / kStageK);
+  check_same(bitmap, x_in, "bitmap", op);
+  check_same(values, x_in, "values", op);
+  check_same(tile_offsets, x_in, "tile_offsets", op);
+  TORCH_CHECK(bitmap.scalar_type() == at::kInt && bitmap.dim() == 2 && bitmap.size(0) == np &&
+                  bitmap.size(1) == kp / 32,
+              op, ": bitmap must be int32 [", np, ", ", kp / 32, "] for weight [", n, ", ", k,
+              "], got ", bitmap.scalar_type(), " ", shape_str(bitmap));
+  TORCH_CHECK(values.scalar_type() == x_in.scalar_type() && values.dim() == 1, op,
+              ": values must be 1-D ", x_in.scalar_type(), ", got ", values.scalar_type(), " ",
+              shape_str(values));
+  TORCH_CHECK(tile_offsets.scalar_type() == at::kInt && tile_offsets.dim() == 1 &&
+                  tile_offsets.size(0) == tiles + 1,
+              op, ": tile_offsets must be int32 [", tiles + 1, "] for weight [", n, ", ", k,
+              "], got ", tile_offsets.scalar_type(), " ", shape_str(tile_offsets));
+  check_bias(bias, x_in, n, op);
+
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t t = x_in.size(0);
+  at::Tensor y = at::empty({t, n}, x_in.options());
+  if (t == 0) return y;
+  // x rows must start on 8-byte boundaries for the kernel's cp.async: pad K to a
+  // multiple of 4 with zero columns (their bitmap bits are 0; Kp is unchanged).
+  at::Tensor x = x_in;
+  int64_t k_run = k;
+  if (k % 4 != 0) {
+    k_run = (k + 3) / 4 * 4;
+    x = at::constant_pad_nd(x_in, {0, k_run - k}, 0);
+  }
+  x = aligned_contiguous(x);
+  const at::Tensor bm = aligned_contiguous(bitmap);
+  const at::Tensor v = aligned_contiguous(values);
+  const at::Tensor off = tile_offsets.contiguous();
+  at::Tensor b;
+  if (bias.has_value()) b = bias->contiguous();
+
+  owl::LaunchPlan plan;
+  cudaError_t err = owl::bitmap_plan((int)t, (int)n, (int)k_run, (int)split_k,
+                                     x.device().index(), &plan);
+  TORCH_CHECK(err == cudaSuccess, op, ": planning failed for x ", shape_str(x_in), ", weight [",
+              n, ", ", k, "]: ", cudaGetErrorString(err));
+  Workspace ws = make_workspace(plan, x);
+  owl::BitmapArgs a;
+  a.x = x.data_ptr();
+  a.bitmap = bm.data_ptr<int32_t>();
+  a.values = v.data_ptr();
+  a.tile_offsets = off.data_ptr<int32_t>();
+  a.num_values = v.numel();
+  a.bias = b.defined() ? b.data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.partials = ws.partials.defined() ? ws.partials.data_ptr<float>() : nullptr;
+  a.counters = ws.counters.defined() ? ws.counters.data_ptr<int32_t>() : nullptr;
+  a.T = (int)t;
+  a.N = (int)n;
+  a.K = (int)k_run;
+  a.dtype = dt;
+  err = owl::bitmap_run(a, plan, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": launch failed for x ", shape_str(x_in), ", weight [", n,
+              ", ", k, "] (config ", plan.config, ", ", plan.splits, " splits, ", plan.smem_bytes,
+              " B shared): ", cudaGetErrorString(err));
+  return y;
+}
+
+std::vector<int64_t> plan_op(const std::string& kind, int64_t t, int64_t n, int64_t k,
+                             int64_t split_k) {
+  int device = 0;
+  TORCH_CHECK(cudaGetDevice(&device) == cudaSuccess, "owl_sparse_C::plan: no CUDA device");
+  owl::LaunchPlan p;
+  cudaError_t err;
+  if (kind == "sparse24") {
+    err = owl::sparse24_plan((int)t, (int)n, (int)k, (int)split_k, device, &p);
+  } else if (kind == "bitmap") {
+    err = owl::bitmap_plan((int)t, (int)n, (int)((k + 3) / 4 * 4), (int)split_k, device, &p);
+  } else {
+    TORCH_CHECK(false, "owl_sparse_C::plan: kind must be 'sparse24' or 'bitmap', got '", kind, "'");
+  }
+  TORCH_CHECK(err == cudaSuccess, "owl_sparse_C::plan(", kind, ", T=", t, ", N=", n, ", K=", k,
+              "): ", cudaGetErrorString(err));
+  return {p.config, p.block_m, p.block_n, p.grid_m, p.grid_n, p.splits, p.smem_bytes};
+}
+
+// Shape-only implementations for tracing (torch.compile, fake tensors).
+at::Tensor sparse24_mm_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, int64_t n,
+                            int64_t, const c10::optional<at::Tensor>&, int64_t) {
+  return at::empty({x.size(0), n}, x.options());
+}
+
+at::Tensor bitmap_mm_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, int64_t n, int64_t,
+                          const c10::optional<at::Tensor>&, int64_t) {
+  return at::empty({x.size(0), n}, x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(owl_sparse_C, m) {
+  m.def(
+      "sparse24_mm(Tensor x, Tensor values_mma, Tensor meta_mma, int n, int k, "
+      "Tensor? bias=None, int split_k=0) -> Tensor");
+  m.def(
+      "bitmap_mm(Tensor x, Tensor bitmap, Tensor values, Tensor tile_offsets, int n, int k, "
+      "Tensor? bias=None, int split_k=0) -> Tensor");
+  m.def("plan(str kind, int t, int n, int k, int split_k=0) -> int[]", &plan_op);
+}
+
+TORCH_LIBRARY_IMPL(owl_sparse_C, CUDA, m) {
+  m.impl("sparse24_mm", &sparse24_mm);
+  m.impl("bitmap_mm", &bitmap_mm);
+}
+
+TORCH_LIBRARY_IMPL(owl_sparse_C, Meta, m) {
+  m.impl("sparse24_mm", &sparse24_mm_meta);
+  m.impl("bitmap_mm", &bitmap_mm_meta);
+}
+
+// Module init for the setup.py build (`import owl_sparse._C` runs the registrations
+// above).  The JIT build loads the library with torch.ops.load_library instead.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+                                   nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
+}

@@ -1,0 +1,359 @@
+// Bitmap (unstructured) sparse x dense product on tensor cores: "load as sparse,
+// compute as dense".  y[T, N] = x[T, K] @ W[N, K]^T with W in the bitmap format of
+// owl_sparse/formats/bitmap.py (16 x 128 tiles, one bit per weight, kept values packed
+// tile by tile, tile_offsets).
+//
+// Per 128-column stage, a block (WM x WN warps, BM = WM*MT*16 rows, BN = WN*NT*8 tokens):
+// 1. cp.async (STAGES-deep ring) brings in only the compressed bytes: the BM x 4 bitmap
+//    words, each row tile's packed values (contiguous from tile_offsets, 16-byte
+//    granules, the first one aligned down), and the [BN x 128] activation tile.  Global
+//    traffic is 1/8 + 2(1 - s) bytes per weight instead of 2.
+// 2. Each warp decodes whole 16 x 128 tiles into a dense fp16/bf16 tile in shared memory:
+//    lane l owns bitmap words 2l and 2l+1 (row l/2, 64 columns); a warp-wide exclusive
+//    scan of popcounts gives each word's rank inside the tile; the lane builds its 64
+//    columns in registers (running rank, predicated shared loads) and writes them with
+//    four 16-byte stores per word.  Decoding works on raw 16-bit patterns, so it is the
+//    same code for fp16 and bf16; all-empty tiles are a warp-uniform zero fill.
+// 3. mma.sync m16n8k16 with A (the decoded tile) and B (activations) read by ldmatrix.x4;
+//    rows are padded by 16 bytes so every ldmatrix phase is conflict-free.
+// Aimed at 8-512 tokens: the decode cost per weight tile is paid once per token tile,
+// so the prefill configuration uses 128-token tiles.  Split-K fills the grid when the
+// row x token grid is small.
+#include "mma_common.cuh"
+
+namespace owl {
+namespace {
+
+// Shared buffer of one row tile's values: at most 2048 values plus the up-to-7 values
+// in front of the first one that the aligned 16-byte granule also brings in.
+constexpr int kValsPerTile = 2048 + 8;
+
+struct BitmapParams {
+  const uint16_t* x;
+  const uint32_t* bitmap;   // [Np, Kp/32]
+  const uint16_t* values;   // [num_values]
+  const int32_t* tile_offsets;
+  int64_t num_values;
+  EpilogueArgs ep;
+  int T, N, K;
+  int m_tiles;   // Np / 16
+  int k_stages;  // Kp / 128 (= tile columns)
+  int stages_per_split;
+  bool vec16;
+};
+
+template <typename T, int WM, int WN, int MT, int NT, int STAGES>
+struct BitmapKernel {
+  static constexpr int kThreads = WM * WN * 32;
+  static constexpr int kWarps = WM * WN;
+  static constexpr int BM = WM * MT * 16;
+  static constexpr int BN = WN * NT * 8;
+  static constexpr int kTiles = BM / 16;
+  // Per-stage ring slot: activations, values, bitmap words (all 16-byte multiples).
+  static constexpr int kXHalves = BN * kSmemLd;
+  static constexpr int kVHalves = kTiles * kValsPerTile;
+  static constexpr int kBWords = BM * 4;
+  static constexpr int kSlotBytes = kXHalves * 2 + kVHalves * 2 + kBWords * 4;
+  static constexpr int kABytes = BM * kSmemLd * 2;  // decoded dense tile (single buffer)
+  static constexpr int kRingBytes = STAGES * kSlotBytes;
+  static constexpr int kCBytes = BN * (BM + 4) * 4;
+  static constexpr int kMainBytes = kRingBytes + kABytes;
+  static constexpr int kSmemBytes = kMainBytes > kCBytes ? kMainBytes : kCBytes;
+  static_assert(kSlotBytes % 16 == 0, "ring slots must keep 16-byte alignment");
+
+  struct Slot {
+    uint16_t* xs;
+    uint16_t* vs;
+    uint32_t* bs;
+  };
+
+  __device__ static Slot slot(uint8_t* smem, int i) {
+    uint8_t* base = smem + i * kSlotBytes;
+    Slot s;
+    s.xs = reinterpret_cast<uint16_t*>(base);
+    s.vs = reinterpret_cast<uint16_t*>(base + kXHalves * 2);
+    s.bs = reinterpret_cast<uint32_t*>(base + kXHalves * 2 + kVHalves * 2);
+    return s;
+  }
+
+  // Issue the copies of tile column `kt` into ring slot `sl`.
+  __device__ static void load_stage(const BitmapParams& p, const Slot& sl, int m0, int n0, int kt,
+                                    int tid) {
+    const int words_per_row = p.k_stages * 4;
+    // Bitmap: one 16-byte granule (4 words) per row; rows past Np read as empty.
+    for (int r = tid; r < BM; r += kThreads) {
+      const int gr = m0 + r;
+      const bool ok = gr < p.m_tiles * 16;
+      const uint32_t* src = ok ? p.bitmap + (int64_t)gr * words_per_row + kt * 4 : p.bitmap;
+      cp_async16(smem_addr(sl.bs + r * 4), src, ok ? 16 : 0);
+    }
+    // Values: warp w copies row tiles w, w + kWarps, ...; granule-aligned so that every
+    // copy is a 16-byte cp.async; the final granule of the array is clipped (never read
+    // past num_values).
+    const int warp = tid >> 5, lane = tid & 31;
+    for (int ti = warp; ti < kTiles; ti += kWarps) {
+      const int rt = m0 / 16 + ti;
+      if (rt >= p.m_tiles) continue;
+      const int64_t t = (int64_t)rt * p.k_stages + kt;
+      const int64_t off0 = __ldg(p.tile_offsets + t), off1 = __ldg(p.tile_offsets + t + 1);
+      if (off0 < 0 || off1 <= off0) continue;
+      // Clamps keep even corrupt offsets inside the shared buffer and the values array.
+      const int64_t g0 = off0 >> 3;
+      const int64_t g1 = min((off1 + 7) >> 3, g0 + kValsPerTile / 8);
+      uint16_t* dst = sl.vs + ti * kValsPerTile;
+      for (int64_t gi = g0 + lane; gi < g1; gi += 32) {
+        const int64_t left = p.num_values - gi * 8;
+        const int bytes = left >= 8 ? 16 : (left > 0 ? (int)left * 2 : 0);
+        cp_async16(smem_addr(dst + (gi - g0) * 8), bytes > 0 ? p.values + gi * 8 : p.values,
+                   bytes);
+      }
+    }
+    load_x_stage<BN, kThreads>(sl.xs, p.x, p.T, p.K, n0, kt * kStageK, p.vec16, tid);
+  }
+
+  // 32 columns of one row from one bitmap word: bit j set -> next packed value.
+  __device__ static void expand_word(uint32_t w, int r, const uint16_t* vs, uint16_t* dst) {
+    uint32_t out[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const uint32_t b0 = (w >> (2 * j)) & 1u;
+      const uint32_t v0 = b0 ? vs[r] : 0u;
+      r += b0;
+      const uint32_t b1 = (w >> (2 * j + 1)) & 1u;
+      const uint32_t v1 = b1 ? vs[r] : 0u;
+      r += b1;
+      out[j] = v0 | (v1 << 16);
+    }
+    uint4* d = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      d[q] = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
+  }
+
+  // Decode the block's row tiles of tile column `kt` (slot `sl`) into `as` [BM][kSmemLd].
+  __device__ static void decode(const BitmapParams& p, const Slot& sl, uint16_t* as, int m0, int kt,
+                                int tid) {
+    const int warp = tid >> 5, lane = tid & 31;
+    const int rr = lane >> 1, wc = (lane & 1) * 2;  // this lane: row rr, words wc, wc + 1
+    for (int ti = warp; ti < kTiles; ti += kWarps) {
+      const int rt = m0 / 16 + ti;
+      uint16_t* dst = as + (ti * 16 + rr) * kSmemLd + wc * 32;
+      int64_t off0 = 0, off1 = 0;
+      if (rt < p.m_tiles) {
+        const int64_t t = (int64_t)rt * p.k_stages + kt;
+        off0 = __ldg(p.tile_offsets + t);
+        off1 = __ldg(p.tile_offsets + t + 1);
+      }
+      if (off0 < 0 || off1 <= off0) {  // empty (or padding) tile: warp-uniform zero fill
+        uint4* d = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) d[q] = make_uint4(0u, 0u, 0u, 0u);
+        continue;
+      }
+      const uint2 ww = *reinterpret_cast<const uint2*>(sl.bs + (ti * 16 + rr) * 4 + wc);
+      const uint32_t w0 = ww.x, w1 = ww.y;
+      const int c0 = __popc(w0);
+      const int mine = c0 + __popc(w1);
+      // Inclusive scan over lanes = over the tile's words in row-major order.
+      int incl = mine;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += v;
+      }
+      const int base = (int)(off0 & 7) + incl - mine;
+      const uint16_t* vs = sl.vs + ti * kValsPerTile;
+      expand_word(w0, base, vs, dst);
+      expand_word(w1, base + c0, vs, dst + 32);
+    }
+  }
+
+  __device__ static void compute(const uint16_t* xs, const uint16_t* as, int wm, int wn, int lane,
+                                 float (&acc)[MT][NT][4]) {
+#pragma unroll
+    for (int kk = 0; kk < kStageK; kk += 32) {
+      // A: two k16 steps per m tile.  ldmatrix.x4 matrix j = rows 8*(j&1) .. +8,
+      // columns 8*(j>>1) .. +8 -> registers a0..a3 of m16n8k16.
+      uint32_t a[MT][2][4];
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = wm * MT * 16 + i * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
+          ldmatrix_x4(a[i][h], smem_addr(as + row * kSmemLd + kk + 16 * h + 8 * (lane >> 4)));
+        }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        // B: matrix j = tokens (lane & 7) x k [kk + 8j, +8): registers {b0, b1} of the
+        // first k16 step, then of the second.
+        uint32_t b[4];
+        const uint16_t* row = xs + (wn * NT * 8 + nt * 8 + (lane & 7)) * kSmemLd;
+        ldmatrix_x4(b, smem_addr(row + kk + 8 * (lane >> 3)));
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          mma_16816<T>(acc[i][nt], a[i][0], b[0], b[1]);
+          mma_16816<T>(acc[i][nt], a[i][1], b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  __device__ static void run(const BitmapParams& p) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    uint16_t* as = reinterpret_cast<uint16_t*>(smem + kRingBytes);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp % WM, wn = warp / WM;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int st0 = blockIdx.z * p.stages_per_split;
+    const int st1 = min(p.k_stages, st0 + p.stages_per_split);
+    const int nst = st1 - st0;
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < nst) load_stage(p, slot(smem, s), m0, n0, st0 + s, tid);
+      cp_async_commit();
+    }
+    for (int s = 0; s < nst; ++s) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();  // stage s landed; all warps finished stage s - 1 (slot and `as`)
+      const int sn = s + STAGES - 1;
+      if (sn < nst) load_stage(p, slot(smem, sn % STAGES), m0, n0, st0 + sn, tid);
+      cp_async_commit();
+      const Slot cur = slot(smem, s % STAGES);
+      decode(p, cur, as, m0, st0 + s, tid);
+      __syncthreads();  // decoded tile visible to all warps
+      compute(cur.xs, as, wm, wn, lane, acc);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    float* cs = reinterpret_cast<float*>(smem);
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        acc_to_smem<BM>(cs, acc[i][j], wm * MT * 16 + i * 16 + g, wn * NT * 8 + j * 8 + 2 * t);
+    __syncthreads();
+    epilogue<T, BM, BN, kThreads>(cs, p.ep, m0, n0, blockIdx.z, blockIdx.y * gridDim.x + blockIdx.x,
+                                  tid);
+  }
+};
+
+template <typename T, int WM, int WN, int MT, int NT, int STAGES>
+__global__ void __launch_bounds__(WM* WN * 32) bitmap_kernel(const BitmapParams p) {
+  BitmapKernel<T, WM, WN, MT, NT, STAGES>::run(p);
+}
+
+// Configuration table (4 warps each).  Up to 32 tokens: each warp owns one m16 tile of a
+// 64-row block and all of the block's tokens.  Beyond: 2 x 2 warps with 2 m16 tiles and
+// 4 or 8 n8 tiles each (64 rows x 64 or 128 tokens), so one decoded tile feeds up to 16
+// MMAs per warp and k16 step.
+struct BitmapConfig {
+  int wm, wn, mt, nt, stages;
+  int max_tokens;
+};
+
+constexpr BitmapConfig kBitmapConfigs[] = {
+    {4, 1, 1, 1, 2, 8},
+    {4, 1, 1, 2, 2, 16},
+    {4, 1, 1, 4, 2, 32},
+    {2, 2, 2, 4, 2, 64},
+    {2, 2, 2, 8, 2, 1 << 30},
+};
+constexpr int kNumBitmapConfigs = sizeof(kBitmapConfigs) / sizeof(kBitmapConfigs[0]);
+
+int bitmap_smem_bytes(const BitmapConfig& c) {
+  const int bm = c.wm * c.mt * 16, bn = c.wn * c.nt * 8;
+  const int slot = bn * kSmemLd * 2 + (bm / 16) * kValsPerTile * 2 + bm * 4 * 4;
+  const int main_bytes = c.stages * slot + bm * kSmemLd * 2;
+  const int cb = bn * (bm + 4) * 4;
+  return main_bytes > cb ? main_bytes : cb;
+}
+
+template <typename T, int WM, int WN, int MT, int NT, int STAGES>
+cudaError_t launch_bitmap(const BitmapParams& p, const LaunchPlan& plan, cudaStream_t stream) {
+  using K = BitmapKernel<T, WM, WN, MT, NT, STAGES>;
+  auto* fn = &bitmap_kernel<T, WM, WN, MT, NT, STAGES>;
+  static std::atomic<unsigned long long> smem_set{0};
+  const cudaError_t err = allow_smem(fn, K::kSmemBytes, smem_set);
+  if (err != cudaSuccess) return err;
+  dim3 grid(plan.grid_m, plan.grid_n, plan.splits);
+  fn<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_bitmap(const BitmapParams& p, const LaunchPlan& plan, cudaStream_t stream) {
+  switch (plan.config) {
+    case 0: return launch_bitmap<T, 4, 1, 1, 1, 2>(p, plan, stream);
+    case 1: return launch_bitmap<T, 4, 1, 1, 2, 2>(p, plan, stream);
+    case 2: return launch_bitmap<T, 4, 1, 1, 4, 2>(p, plan, stream);
+    case 3: return launch_bitmap<T, 2, 2, 2, 4, 2>(p, plan, stream);
+    case 4: return launch_bitmap<T, 2, 2, 2, 8, 2>(p, plan, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int device, LaunchPlan* plan) {
+  if (T <= 0 || N <= 0 || K <= 0 || K % 4 != 0) return cudaErrorInvalidValue;
+  DeviceLimits lim;
+  cudaError_t err = device_limits(device, &lim);
+  if (err != cudaSuccess) return err;
+  int ci = 0;
+  while (ci + 1 < kNumBitmapConfigs && T > kBitmapConfigs[ci].max_tokens) ++ci;
+  while (ci > 0 && bitmap_smem_bytes(kBitmapConfigs[ci]) > lim.max_smem_optin) --ci;
+  const BitmapConfig& c = kBitmapConfigs[ci];
+  LaunchPlan out;
+  out.config = ci;
+  out.block_m = c.wm * c.mt * 16;
+  out.block_n = c.wn * c.nt * 8;
+  out.grid_m = (N + out.block_m - 1) / out.block_m;
+  out.grid_n = (T + out.block_n - 1) / out.block_n;
+  out.smem_bytes = bitmap_smem_bytes(c);
+  const int k_stages = (K + kStageK - 1) / kStageK;
+  // ~60-120 KB of shared memory per block: 1-3 blocks per SM; aim for 2.
+  choose_splits(out.grid_m * out.grid_n, k_stages, requested_splits, lim.num_sms, 2, 4, &out);
+  out.partial_elems = out.splits > 1 ? (int64_t)out.splits * T * N : 0;
+  *plan = out;
+  return cudaSuccess;
+}
+
+cudaError_t bitmap_run(const BitmapArgs& a, const LaunchPlan& plan, cudaStream_t stream) {
+  if (plan.splits > 1 && (a.partials == nullptr || a.counters == nullptr))
+    return cudaErrorInvalidValue;
+  BitmapParams p;
+  p.x = static_cast<const uint16_t*>(a.x);
+  p.bitmap = reinterpret_cast<const uint32_t*>(a.bitmap);
+  p.values = static_cast<const uint16_t*>(a.values);
+  p.tile_offsets = a.tile_offsets;
+  p.num_values = a.num_values;
+  p.ep.y = a.y;
+  p.ep.bias = a.bias;
+  p.ep.partials = a.partials;
+  p.ep.counters = a.counters;
+  p.ep.T = a.T;
+  p.ep.N = a.N;
+  p.ep.splits = plan.splits;
+  p.T = a.T;
+  p.N = a.N;
+  p.K = a.K;
+  p.m_tiles = (a.N + 15) / 16;
+  p.k_stages = (a.K + kStageK - 1) / kStageK;
+  p.stages_per_split = plan.stages_per_split;
+  p.vec16 = (a.K % 8) == 0;
+  if (a.dtype == DType::kHalf) return dispatch_bitmap<__half>(p, plan, stream);
+  return dispatch_bitmap<__nv_bfloat16>(p, plan, stream);
+}
+
+}  // namespace owl

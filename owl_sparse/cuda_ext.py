@@ -1,0 +1,246 @@
+"""The CUDA extension (csrc/): loading, and its backends for the dispatch table.
+
+Kernels: ``cuda_sp`` (2:4 on sparse tensor cores, ``mma.sp`` m16n8k32) and ``cuda_mma``
+(bitmap tiles decoded in shared memory, ``mma.sync`` m16n8k16); fp16 / bf16, sm_80+.
+
+Loading, on first use (never at import, so ``import owl_sparse`` stays cheap):
+
+1. ``owl_sparse._C`` when ``setup.py`` built it (``pip install -e .`` on a machine with
+   a CUDA build of torch and nvcc; see setup.py for its switches);
+2. otherwise a JIT build of ``csrc/`` with ``torch.utils.cpp_extension.load`` (ninja),
+   for the visible GPU's architecture, cached by torch in ``TORCH_EXTENSIONS_DIR``.
+   ``OWL_SPARSE_NO_JIT=1`` disables it, ``OWL_SPARSE_FORCE_JIT=1`` skips step 1.
+
+Where neither works (no GPU, a CPU build of torch, no compiler) :func:`available` is
+False, the reason is logged once, and the ops fall back to Triton / dense.
+
+Importing this module registers the backends with :mod:`owl_sparse.dispatch` (which
+imports it on CUDA machines).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+from .formats.mma_layout import sparse24_to_mma
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = ("bindings.cpp", "sparse24_mma.cu", "bitmap_mma.cu")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "ok": False, "how": None, "error": None}
+
+
+def _has_ops() -> bool:
+    return hasattr(torch.ops, "owl_sparse_C") and hasattr(torch.ops.owl_sparse_C, "sparse24_mm")
+
+
+def _jit_build() -> str:
+    missing = [s for s in SOURCES if not (CSRC / s).is_file()]
+    if missing:
+        raise RuntimeError(
+            f"CUDA sources {missing} not found in {CSRC} (install from a source checkout)"
+        )
+    from torch.utils.cpp_extension import load as cpp_load
+
+    major, minor = torch.cuda.get_device_capability()
+    log.warning(
+        "owl-sparse: building the CUDA kernels for sm_%d%d with ninja (first use only; "
+        "cached in TORCH_EXTENSIONS_DIR)",
+        major,
+        minor,
+    )
+    cpp_load(
+        name="owl_sparse_C_jit",
+        sources=[str(CSRC / s) for s in SOURCES],
+        extra_include_paths=[str(CSRC)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-lineinfo"],
+        is_python_module=False,
+        verbose=os.environ.get("OWL_SPARSE_JIT_VERBOSE") == "1",
+    )
+    return "jit"
+
+
+def _load() -> str:
+    if _has_ops():
+        return "already loaded"
+    if torch.version.cuda is None:
+        raise RuntimeError(f"torch {torch.__version__} is not a CUDA build")
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        raise RuntimeError(f"the kernels need sm_80 or newer, found {torch.cuda.get_device_name()}")
+    reason = "OWL_SPARSE_FORCE_JIT=1"
+    if os.environ.get("OWL_SPARSE_FORCE_JIT") != "1":
+        try:
+            importlib.import_module("owl_sparse._C")
+            if _has_ops():
+                return "prebuilt owl_sparse._C"
+            reason = "owl_sparse._C registered no ops"
+        except ImportError as exc:
+            reason = f"owl_sparse._C not built ({exc})"
+    if os.environ.get("OWL_SPARSE_NO_JIT") == "1":
+        raise RuntimeError(f"{reason}, and OWL_SPARSE_NO_JIT=1 forbids a JIT build")
+    how = _jit_build()
+    if not _has_ops():
+        raise RuntimeError("the JIT-built library registered no owl_sparse_C ops")
+    return how
+
+
+def load() -> bool:
+    """Load the extension (once per process); True when its ops can run.  Never raises."""
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            try:
+                _state["how"] = _load()
+                _state["ok"] = True
+                log.info("owl-sparse CUDA kernels loaded (%s)", _state["how"])
+            except Exception as exc:  # any failure means "unavailable", reported once
+                _state["error"] = f"{type(exc).__name__}: {exc}"
+                level = (
+                    logging.INFO
+                    if "no CUDA device" in str(exc) or "not a CUDA build" in str(exc)
+                    else logging.WARNING
+                )
+                log.log(
+                    level,
+                    "owl-sparse CUDA kernels unavailable (%s); using Triton / dense",
+                    _state["error"],
+                )
+    return _state["ok"]
+
+
+def available() -> bool:
+    """True when the CUDA kernels can run here (loads them on first call)."""
+    return load()
+
+
+def status() -> dict:
+    """``{"tried", "ok", "how", "error"}``: how the extension was loaded, or why not."""
+    return dict(_state)
+
+
+def _require() -> None:
+    if not load():
+        raise RuntimeError(f"owl-sparse CUDA kernels unavailable: {_state['error']}")
+
+
+# ---------------------------------------------------------------------------- 2:4
+_MMA_CACHE: dict[tuple, tuple] = {}
+
+
+def mma_tensors(packed) -> tuple[Tensor, Tensor]:
+    """(values_mma, meta_mma) of a :class:`Sparse24Weight`, converted once per packed storage.
+
+    The conversion (owl_sparse.formats.mma_layout) runs on the packed weight's device; the
+    entry is dropped when the packed tensors are freed and rebuilt if they are modified.
+    """
+    tensors = (packed.values, packed.meta)
+    storages = [t.untyped_storage() for t in tensors]
+    key = tuple((id(s), t.storage_offset(), tuple(t.shape)) for s, t in zip(storages, tensors))
+    key += (packed.dtype, packed.device)
+    versions = tuple(getattr(t, "_version", 0) for t in tensors)
+    entry = _MMA_CACHE.get(key)
+    if entry is not None:
+        refs, vers, vm, mm = entry
+        if all(r() is s for r, s in zip(refs, storages)) and vers == versions:
+            return vm, mm
+    vm, mm = sparse24_to_mma(packed.values, packed.meta)
+    refs = tuple(weakref.ref(s, lambda _, k=key: _MMA_CACHE.pop(k, None)) for s in storages)
+    _MMA_CACHE[key] = (refs, versions, vm, mm)
+    return vm, mm
+
+
+def sparse24_mm(x2d: Tensor, packed, bias: Tensor | None = None, split_k: int = 0) -> Tensor:
+    """``y [T, N] = x2d [T, K] @ W^T + bias`` on sparse tensor cores (W a Sparse24Weight).
+
+    ``x2d``: contiguous fp16/bf16 on the weight's device; ``split_k``: 0 = automatic,
+    > 0 forces that many K splits (tests / benchmarks).  Raises when unavailable.
+    """
+    _require()
+    _check(x2d, packed, bias)
+    vm, mm = mma_tensors(packed)
+    return torch.ops.owl_sparse_C.sparse24_mm(x2d, vm, mm, packed.N, packed.K, bias, split_k)
+
+
+def bitmap_mm(x2d: Tensor, packed, bias: Tensor | None = None, split_k: int = 0) -> Tensor:
+    """``y [T, N] = x2d [T, K] @ W^T + bias`` with W a BitmapWeight (tensor-core decode kernel)."""
+    _require()
+    _check(x2d, packed, bias)
+    return torch.ops.owl_sparse_C.bitmap_mm(
+        x2d, packed.bitmap, packed.values, packed.tile_offsets, packed.N, packed.K, bias, split_k
+    )
+
+
+def plan(kind: str, tokens: int, n: int, k: int, split_k: int = 0) -> dict:
+    """The launch plan the kernels would use ("sparse24" or "bitmap") on the current GPU."""
+    _require()
+    keys = ("config", "block_m", "block_n", "grid_m", "grid_n", "splits", "smem_bytes")
+    return dict(zip(keys, torch.ops.owl_sparse_C.plan(kind, tokens, n, k, split_k)))
+
+
+def _check(x2d: Tensor, packed, bias: Tensor | None) -> None:
+    if x2d.dim() != 2 or x2d.shape[1] != packed.K:
+        raise InputError(
+            f"x must be [T, {packed.K}] for weight [{packed.N}, {packed.K}], got {list(x2d.shape)}"
+        )
+    if x2d.dtype not in KERNEL_DTYPES or x2d.dtype != packed.dtype:
+        raise InputError(
+            f"the CUDA kernels take float16/bfloat16 x matching the weight, got x {x2d.dtype}, "
+            f"weight {packed.dtype}"
+        )
+
+
+# ---------------------------------------------------------------------------- dispatch
+_FALLBACK_LOGGED: set = set()
+
+
+def _fallback(name: str, x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
+    """fp32 weights: the kernels are fp16/bf16 only, so run the dense backend."""
+    from . import dispatch
+
+    if name not in _FALLBACK_LOGGED:
+        _FALLBACK_LOGGED.add(name)
+        log.info(
+            "%s: %s weights are not supported by the CUDA kernels; running dense", name, x2d.dtype
+        )
+    return torch.nn.functional.linear(x2d, dispatch.dense_weight(packed), bias)
+
+
+def _sparse24_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
+    if x2d.dtype not in KERNEL_DTYPES:
+        return _fallback("cuda_sp", x2d, packed, bias)
+    return sparse24_mm(x2d, packed, bias)
+
+
+def _bitmap_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
+    if x2d.dtype not in KERNEL_DTYPES:
+        return _fallback("cuda_mma", x2d, packed, bias)
+    return bitmap_mm(x2d, packed, bias)
+
+
+def _register() -> None:
+    try:
+        from . import dispatch
+    except ImportError:  # dispatch is optional for this module
+        return
+    dispatch.register_backend("2:4", "cuda_sp", _sparse24_backend, available)
+    dispatch.register_backend("bitmap", "cuda_mma", _bitmap_backend, available)
+
+
+_register()

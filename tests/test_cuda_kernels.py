@@ -1,0 +1,222 @@
+"""GPU checks of the CUDA kernels (csrc/) against the CPU / fp64 reference.
+
+Every test carries ``@pytest.mark.gpu`` and is skipped where CUDA is absent.  On a GPU
+machine a kernel that fails to build or load is a failure, not a skip.
+
+Tolerance (flash-attention style): the kernel's max error against an fp64 reference may
+be at most twice that of torch's own dense product in the same dtype, plus a small
+floor; the relative Frobenius error must also stay under 2e-3 (fp16) / 1.2e-2 (bf16).
+Outputs are checked for NaN, and the memory the output lands in is poisoned with NaN
+beforehand, so an element the kernel never writes cannot pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from owl_sparse.formats.bitmap import BitmapWeight
+from owl_sparse.formats.sparse24 import Sparse24Weight
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float16, torch.bfloat16]
+REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+@pytest.fixture(scope="module")
+def ext():
+    from owl_sparse import cuda_ext
+
+    assert cuda_ext.load(), f"CUDA extension failed to load: {cuda_ext.status()}"
+    return cuda_ext
+
+
+def make_24(n, k, dtype, seed, pattern="random"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    keep = torch.rand(n, k // 4, 4, generator=g).argsort(-1)[..., :2]
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True)
+    mask &= torch.rand(n, k // 4, 4, generator=g) > 0.1  # some groups keep 0 or 1
+    mask = mask.view(n, k)
+    mask[n // 3] = False  # an empty row
+    if pattern == "zero":
+        mask[:] = False
+    return Sparse24Weight.from_dense(w.to(dtype).cuda(), mask.cuda())
+
+
+def make_bitmap(n, k, dtype, seed, density=0.3, pattern="random"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    mask = torch.rand(n, k, generator=g) < density
+    mask[n // 3] = False  # an empty row
+    if n > 16 and k > 128:
+        mask[16:32, 128:256] = False  # an all-zero tile
+    if pattern == "zero":
+        mask[:] = False
+    elif pattern == "full":
+        mask[:] = True
+    return BitmapWeight.from_dense(w.to(dtype).cuda(), mask.cuda())
+
+
+def poison(numel: int, dtype) -> None:
+    """Fill soon-to-be-reused allocator memory with NaN (unwritten outputs then fail)."""
+    t = torch.full((numel + 4096,), float("nan"), dtype=dtype, device="cuda")
+    del t
+
+
+def check(y, x, dense, bias):
+    assert y.shape == (x.shape[0], dense.shape[0]) and y.dtype == x.dtype
+    assert not torch.isnan(y).any(), "NaN in output (unwritten or bad metadata)"
+    ref = x.double() @ dense.double().t()
+    if bias is not None:
+        ref += bias.double()
+    torch_y = F.linear(x, dense.to(x.dtype), bias).double()
+    err = (y.double() - ref).abs().max().item()
+    torch_err = (torch_y - ref).abs().max().item()
+    scale = ref.abs().max().item() + 1e-6
+    assert err <= 2 * torch_err + 1e-4 * scale, f"max error {err:.3e} vs torch {torch_err:.3e}"
+    rel = ((y.double() - ref).norm() / (ref.norm() + 1e-12)).item()
+    assert rel < REL_TOL[x.dtype], f"relative error {rel:.3e}"
+
+
+TOKENS = [1, 3, 8, 16, 17, 40, 100, 300]
+SHAPES = [(16, 128), (40, 200), (33, 196), (500, 1028), (256, 4096)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("t", TOKENS)
+def test_sparse24_matches_reference(ext, dtype, n, k, t):
+    p = make_24(n, k, dtype, seed=n + k + t)
+    x = torch.randn(t, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype) if t % 2 else None
+    poison(t * n, dtype)
+    y = ext.sparse24_mm(x, p, bias)
+    check(y, x, p.to_dense(), bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("t", TOKENS)
+def test_bitmap_matches_reference(ext, dtype, n, k, t):
+    p = make_bitmap(n, k, dtype, seed=n + k + t)
+    x = torch.randn(t, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype) if t % 2 else None
+    poison(t * n, dtype)
+    y = ext.bitmap_mm(x, p, bias)
+    check(y, x, p.to_dense(), bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_split_k_paths_agree(ext, dtype, splits):
+    n, k, t = 300, 1408, 5
+    p24, pbm = make_24(n, k, dtype, 1), make_bitmap(n, k, dtype, 1, density=0.4)
+    x = torch.randn(t, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    stages = -(-k // 128)
+    per = -(-stages // splits)
+    assert ext.plan("sparse24", t, n, k, splits)["splits"] == -(-stages // per)
+    y24 = ext.sparse24_mm(x, p24, bias, split_k=splits)
+    check(y24, x, p24.to_dense(), bias)
+    ybm = ext.bitmap_mm(x, pbm, bias, split_k=splits)
+    check(ybm, x, pbm.to_dense(), bias)
+    # The split-K reduction is in a fixed order: repeated runs are bitwise equal.
+    assert torch.equal(y24, ext.sparse24_mm(x, p24, bias, split_k=splits))
+    assert torch.equal(ybm, ext.bitmap_mm(x, pbm, bias, split_k=splits))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern", ["zero", "full"])
+def test_bitmap_degenerate_patterns(ext, dtype, pattern):
+    n, k = 70, 390  # K % 4 != 0 exercises the padded-x path
+    p = make_bitmap(n, k, dtype, 2, pattern=pattern)
+    for t in (1, 9, 70):
+        x = torch.randn(t, k, device="cuda", dtype=dtype)
+        check(ext.bitmap_mm(x, p), x, p.to_dense(), None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse24_all_zero_weight(ext, dtype):
+    p = make_24(64, 256, dtype, 3, pattern="zero")
+    x = torch.randn(5, 256, device="cuda", dtype=dtype)
+    bias = torch.randn(64, device="cuda", dtype=dtype)
+    y = ext.sparse24_mm(x, p, bias)
+    assert torch.equal(y, bias.expand(5, 64))
+
+
+def test_llama_shapes_decode_and_prefill(ext):
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        p24 = make_24(n, k, torch.float16, n)
+        pbm = make_bitmap(n, k, torch.float16, n, density=0.3)
+        for t in (1, 16, 512):
+            x = torch.randn(t, k, device="cuda", dtype=torch.float16)
+            check(ext.sparse24_mm(x, p24), x, p24.to_dense(), None)
+            check(ext.bitmap_mm(x, pbm), x, pbm.to_dense(), None)
+    x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    p24 = make_24(4096, 4096, torch.bfloat16, 9)
+    check(ext.sparse24_mm(x, p24), x, p24.to_dense(), None)
+
+
+def test_decode_plan_fills_the_gpu(ext):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    plan = ext.plan("sparse24", 1, 4096, 4096)
+    assert plan["block_n"] == 8 and plan["splits"] > 1
+    assert plan["grid_m"] * plan["grid_n"] * plan["splits"] >= sms
+    assert ext.plan("bitmap", 512, 4096, 4096)["block_n"] == 128
+
+
+def test_errors_name_the_shapes(ext):
+    p = make_24(32, 128, torch.float16, 4)
+    vm, mm = ext.mma_tensors(p)
+    x = torch.randn(2, 128, device="cuda", dtype=torch.float16)
+    op = torch.ops.owl_sparse_C.sparse24_mm
+    with pytest.raises(RuntimeError, match=r"x \[2, 64\].*\[32, 128\]"):
+        op(x[:, :64].contiguous(), vm, mm, 32, 128)
+    with pytest.raises(RuntimeError, match="values_mma"):
+        op(x, vm[:-8], mm, 32, 128)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        op(x.float(), vm, mm, 32, 128)
+    with pytest.raises(RuntimeError, match=r"bias must be \[32\]"):
+        op(x, vm, mm, 32, 128, torch.zeros(31, device="cuda", dtype=torch.float16))
+    pb = make_bitmap(32, 128, torch.float16, 4)
+    with pytest.raises(RuntimeError, match="tile_offsets"):
+        torch.ops.owl_sparse_C.bitmap_mm(x, pb.bitmap, pb.values, pb.tile_offsets[:-1], 32, 128)
+
+
+def test_unaligned_and_strided_inputs(ext):
+    p = make_24(48, 256, torch.float16, 5)
+    base = torch.randn(3 * 256 + 4, device="cuda", dtype=torch.float16)
+    x = base[4:].view(3, 256)  # data pointer 8 bytes past an allocation
+    check(ext.sparse24_mm(x, p), x, p.to_dense(), None)
+
+
+def test_dispatch_runs_the_cuda_backends(ext):
+    from owl_sparse import dispatch, ops
+
+    assert "cuda_sp" in dispatch.backends("2:4", only_available=True)
+    assert "cuda_mma" in dispatch.backends("bitmap", only_available=True)
+    p24 = make_24(96, 256, torch.bfloat16, 6)
+    pbm = make_bitmap(96, 256, torch.bfloat16, 6)
+    x = torch.randn(2, 3, 256, device="cuda", dtype=torch.bfloat16)
+    with dispatch.force_backend("2:4", "cuda_sp"), dispatch.force_backend("bitmap", "cuda_mma"):
+        y24, ybm = ops.linear(x, p24), ops.linear(x, pbm)
+    check(y24.view(6, 96), x.view(6, 256), p24.to_dense(), None)
+    check(ybm.view(6, 96), x.view(6, 256), pbm.to_dense(), None)
+
+
+def test_cuda_graph_replay(ext):
+    p24 = make_24(256, 1024, torch.float16, 7)
+    pbm = make_bitmap(256, 1024, torch.float16, 7)
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.float16)
+    ext.sparse24_mm(x, p24), ext.bitmap_mm(x, pbm)  # warm up (layout conversion, plans)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y24, ybm = ext.sparse24_mm(x, p24), ext.bitmap_mm(x, pbm)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(y24, x, p24.to_dense(), None)
+    check(ybm, x, pbm.to_dense(), None)
