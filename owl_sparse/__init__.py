@@ -24,6 +24,12 @@ _EXPORTS = {
     "sparsify_": "owl_sparse.nn",
     "generate": "owl_sparse.serve",
     "GenerateResult": "owl_sparse.serve",
+    "save_pretrained": "owl_sparse.checkpoint",
+    "load_pretrained": "owl_sparse.checkpoint",
+    "export_compressed_tensors": "owl_sparse.interchange",
+    "prune": "owl_sparse.prune",
+    "PruneConfig": "owl_sparse.prune",
+    "PruneReport": "owl_sparse.prune",
 }
 
 

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="the main job: load, evaluate and report")
+    p = sub.add_parser("demo", help="the main job: prune with OWL, pack, run, save, report")
     _add_model(p, required=False)
     p.add_argument(
         "--text",
@@ -61,8 +61,103 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument(
+        "--calib-text",
+        default=None,
+        help="calibration text file, or 'self' to sample from the model (default: "
+        "WikiText-2 valid from the shared data if present, else 'self')",
+    )
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--allocation", default="owl", choices=["uniform", "owl", "sensitivity"])
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4")
+    p.add_argument("--format", default="auto", choices=["auto", "bitmap", "2:4"])
+    p.add_argument("--new-tokens", type=int, default=24, help="tokens generated per sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="where to save the packed checkpoint")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="generate text (static KV cache, CUDA graphs on GPU)")
+    p.add_argument(
+        "model",
+        help="built-in name, HF or owl-sparse packed model directory, .gguf or llama2.c .bin file",
+    )
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="sequences per forward pass; prompts are repeated to fill one batch "
+        "when fewer are given (default: all prompts at once)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    _add_common(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("prune", help="prune a model (OWL, Wanda, SparseGPT...) and report")
+    _add_model(p)
+    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--allocation", default="owl", choices=["uniform", "owl", "sensitivity"])
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help="target sparsity in [0, 1) (default 0.7; with N:M it is 1 - N/M)",
+    )
+    p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4")
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL / sensitivity spread")
+    p.add_argument(
+        "--calib-text",
+        default=None,
+        help="calibration text file or dataset name (train split), or 'self' to "
+        "sample from the model; not needed for uniform magnitude",
+    )
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048, help="calibration (and evaluation) length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="calibration samples per block forward (default: by memory budget)",
+    )
+    p.add_argument("--eval-text", default=None, help="evaluate perplexity on this text after")
+    p.add_argument("--eval-windows", type=int, default=None)
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write the pruned model (see --format) and prune_report.json",
+    )
+    p.add_argument(
+        "--format",
+        default="dense",
+        choices=["dense", "bitmap", "2:4", "auto"],
+        help="--out layout: dense HF checkpoint, or a packed owl-sparse checkpoint "
+        "(bitmap, 2:4, or auto = 2:4 where the mask allows, else bitmap)",
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "bench", help="benchmarks (source checkout): kernels, e2e or prune", add_help=False
+    )
+    p.add_argument("suite", choices=["kernels", "e2e", "prune"])
+    p.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        help="arguments of the benchmark (see owl-sparse bench SUITE --help)",
+    )
+    p.set_defaults(func=cmd_bench, json=False)
     return parser
 
 
@@ -133,6 +228,137 @@ def _quiet_transformers() -> None:
         return
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def cmd_generate(args) -> dict:
+    from .models import load_model
+    from .serve import generate
+
+    model, tokenizer = load_model(
+        args.model, dtype=resolve_dtype(args.dtype), device=resolve_device(args.device)
+    )
+    prompts = list(args.prompt)
+    if args.batch is not None and args.batch > len(prompts):
+        prompts = [prompts[i % len(prompts)] for i in range(args.batch)]
+    result = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch,
+        stop_at_eos=not args.ignore_eos,
+        cuda_graphs=False if args.no_cuda_graphs else None,
+    )
+    if not args.json:
+        for prompt, text in zip(prompts, result.texts):
+            print(f"--- {prompt!r}\n{prompt}{text}")
+    print(
+        f"prefill {result.prefill_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:.1f} "
+        f"tokens/s (batch {result.batch_size}, CUDA graph: {result.cuda_graph})",
+        file=sys.stderr if args.json else sys.stdout,
+    )
+    return {"model": str(args.model), "prompts": prompts, **result.to_dict()}
+
+
+def cmd_prune(args) -> dict:
+    from pathlib import Path
+
+    from .data import calibration_batches, eval_windows, load_text, sample_from_model, tokenize
+    from .evaluate import perplexity
+    from .models import load_model
+    from .prune import PruneConfig, PruneError, prune
+
+    config = PruneConfig(
+        method=args.method,
+        sparsity=args.sparsity,
+        allocation=args.allocation,
+        owl_m=args.owl_m,
+        owl_lambda=args.owl_lambda,
+        pattern=args.pattern,
+        seed=args.seed,
+    )
+    if config.needs_calibration and args.calib_text is None:
+        raise InputError(
+            f"{config.method} with {config.allocation} allocation needs "
+            "--calib-text (a text file, a dataset name, or 'self')"
+        )
+    # bad text paths fail before the model loads
+    calib_text = (
+        None if args.calib_text in (None, "self") else load_text(args.calib_text, split="train")
+    )
+    eval_text = load_text(args.eval_text) if args.eval_text else None
+    device = resolve_device(args.device)
+    # The model stays on the CPU: decoder blocks visit the device one at a time.
+    model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype))
+    calibration = None
+    if config.needs_calibration and calib_text is None:
+        calibration = sample_from_model(
+            model.to(device), tokenizer, args.calib_samples, args.seqlen, args.seed
+        )
+    elif config.needs_calibration:
+        calibration = calibration_batches(
+            tokenize(tokenizer, calib_text), args.calib_samples, args.seqlen, args.seed
+        )
+    try:
+        report = prune(
+            model,
+            calibration,
+            config,
+            device=device,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+    except PruneError as e:
+        raise InputError(str(e)) from e
+    print(report)
+    out = {"model": str(args.model), "calib_text": args.calib_text, **report.to_dict()}
+    if eval_text is not None:
+        windows = eval_windows(tokenize(tokenizer, eval_text), args.seqlen, args.eval_windows)
+        result = perplexity(model.to(device), windows, progress=not args.quiet)
+        out["perplexity"] = result.to_dict()
+        print(
+            f"perplexity {result.perplexity:.3f} over {result.windows} windows of "
+            f"{result.seqlen} tokens"
+        )
+    if args.out:
+        path = Path(args.out)
+        if args.format == "dense":
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        else:
+            from .checkpoint import save_pretrained
+            from .nn import sparsify_
+
+            sparsify_(model, format=args.format, masks=report.masks)
+            settings = {
+                k: getattr(args, k) for k in ("calib_text", "calib_samples", "seqlen", "seed")
+            }
+            save_pretrained(model, path, tokenizer, prune_report=report, calibration=settings)
+        (path / "prune_report.json").write_text(report.to_json(indent=1))
+        out["out"] = str(path)
+        print(f"saved the pruned ({args.format}) checkpoint to {path}")
+    return out
+
+
+def cmd_bench(args) -> dict:
+    """Run a benchmark module of the source checkout's ``benchmarks/`` folder."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / f"bench_{args.suite}.py").is_file():
+        raise InputError(
+            f"benchmarks/bench_{args.suite}.py not found beside the package "
+            f"({root}): the benchmarks ship with the source checkout"
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    module = importlib.import_module(f"benchmarks.bench_{args.suite}")
+    return module.main(args.rest)
 
 
 def main(argv=None) -> int:

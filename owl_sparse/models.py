@@ -142,7 +142,9 @@ def _smollm2_gguf_path() -> Path:
 def _load_hf_dir(path: Path):
     from transformers import AutoModelForCausalLM
 
-    if (path / "sparsity.json").is_file():
+    from .interchange import is_compressed_tensors_dir
+
+    if (path / "sparsity.json").is_file() or is_compressed_tensors_dir(path):
         from .checkpoint import load_pretrained
 
         return load_pretrained(path)
@@ -247,6 +249,11 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _is_linear_like(module: nn.Module) -> bool:
+    """A linear layer, dense or packed (owl_sparse's SparseLinear), for block discovery."""
+    return is_linear(module) or type(module).__name__ == "SparseLinear"
+
+
 def find_decoder_blocks(model: nn.Module) -> DecoderStructure:
     """Find the decoder blocks of a causal LM without attribute paths.
 
@@ -263,7 +270,7 @@ def find_decoder_blocks(model: nn.Module) -> DecoderStructure:
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
         kinds = {type(b) for b in mod}
-        if len(kinds) != 1 or not any(is_linear(m) for m in mod[0].modules()):
+        if len(kinds) != 1 or not any(_is_linear_like(m) for m in mod[0].modules()):
             continue
         score = (len(mod) == expected, len(mod))
         if best is None or score > best[0]:

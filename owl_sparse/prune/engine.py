@@ -1,0 +1,351 @@
+"""`prune(model, calibration, config)`: score -> allocate -> select mask, block by block.
+
+Passes over the decoder blocks (each a layer-sequential walk, see `calibrate`):
+
+1. *dense pass* (OWL and sensitivity only): one forward of each dense block collects the
+   squared input norms of its linear layers; from them and the weights come the block's
+   outlier ratio (OWL) and each layer's error curve (sensitivity). The statistics can be
+   saved as a `DenseProfile` and reused for other configs on the same calibration set.
+2. *allocation*: a `Target` per linear layer (`allocate`).
+3. *pruning pass*: for each block, one forward with the statistics hooks (skipped for
+   magnitude), prune each linear layer with the scorer (weights zeroed in place, masks
+   kept), then one forward of the pruned block to produce the next block's inputs
+   (skipped after the last block and for magnitude).
+
+So OWL + Wanda costs three forwards of each block over the calibration tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..models import conv1d_to_linear_, find_decoder_blocks, find_linears
+from . import allocate as alloc
+from .calibrate import (
+    BlockInputs,
+    auto_batch_size,
+    capture_block_inputs,
+    check_calibration,
+    forward_block,
+)
+from .config import PruneConfig, PruneError
+from .masks import Target, mask_sparsity
+from .report import LayerRecord, PeakMemory, PruneReport
+from .scores import NEEDS, SCORERS, wanda_scores
+from .stats import StatsAccumulator
+
+
+@dataclass
+class DenseProfile:
+    """Squared input norms of every block linear layer of the dense model: ``colsq[fqn]``
+    is a float64 CPU tensor [in] summed over ``tokens`` calibration tokens."""
+
+    colsq: dict
+    tokens: int
+
+    def save(self, path) -> None:
+        torch.save({"colsq": self.colsq, "tokens": self.tokens}, path)
+
+    @staticmethod
+    def load(path) -> DenseProfile:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return DenseProfile(data["colsq"], int(data["tokens"]))
+
+
+@torch.no_grad()
+def prune(
+    model,
+    calibration: torch.Tensor | None,
+    config: PruneConfig | None = None,
+    *,
+    device=None,
+    batch_size: int | None = None,
+    inputs: BlockInputs | None = None,
+    profile: DenseProfile | None = None,
+    keep_masks: bool = True,
+    progress: bool = False,
+) -> PruneReport:
+    """Prune the linear layers of ``model``'s decoder blocks in place.
+
+    Args:
+        model: a transformers causal LM (GPT-2 Conv1D layers are converted to nn.Linear).
+        calibration: int64 token ids [n, seqlen] (`owl_sparse.data.calibration_batches`);
+            may be None for uniform magnitude pruning.
+        config: `PruneConfig` (default: Wanda, uniform, 70% unstructured).
+        device: compute device (default: where the first block is). Blocks visit it one
+            at a time; the rest of the model stays where it is.
+        batch_size: calibration samples per block forward (default: `auto_batch_size`).
+        inputs: block-0 inputs from `capture_block_inputs` to reuse (not modified).
+        profile: a `DenseProfile` of this model on this calibration set, to skip the dense pass.
+        keep_masks: keep the masks (CPU bool, True = kept) in ``report.masks``.
+        progress: show progress bars.
+
+    Returns:
+        `PruneReport` (per block / layer sparsities, outlier ratios, time, peak memory).
+
+    Raises:
+        InputError: bad config, calibration, widths not divisible by M, NaN/Inf weights or
+            activations found before anything was pruned.
+        PruneError: a failure after some blocks were pruned; it names them.
+    """
+    config = config or PruneConfig()
+    was_training = model.training
+    model.eval()
+    conv1d_to_linear_(model)
+    structure = find_decoder_blocks(model)
+    blocks = structure.blocks
+    device = torch.device(device) if device is not None else next(blocks.parameters()).device
+    _check_weights(structure, config)
+    if config.needs_calibration and inputs is None:
+        check_calibration(model, calibration)
+    dense_needed = config.allocation != "uniform"
+    forwards_needed = bool(NEEDS[config.method])
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    with PeakMemory(device) as mem:
+        used = {"batch_size": batch_size}
+
+        def get_inputs() -> BlockInputs:
+            if inputs is not None:
+                return inputs.clone()
+            n, seqlen = calibration.shape
+            dtype = next(blocks.parameters()).dtype
+            used["batch_size"] = batch_size or auto_batch_size(model, n, seqlen, device, dtype)
+            return capture_block_inputs(model, blocks, calibration, device, used["batch_size"])
+
+        summaries = None
+        if dense_needed:
+            t = time.perf_counter()
+            summaries = (
+                _summaries_from_profile(structure, profile, device, config)
+                if profile is not None
+                else _dense_pass(structure, get_inputs(), device, config, progress)[1]
+            )
+            timings["dense_pass_s"] = _lap(t, device)
+        t = time.perf_counter()
+        targets = _allocate(structure, config, summaries)
+        timings["allocate_s"] = _lap(t, device)
+        t = time.perf_counter()
+        block_inputs = get_inputs() if forwards_needed else None
+        records, masks = _prune_pass(
+            structure, block_inputs, device, config, targets, keep_masks, progress
+        )
+        timings["prune_pass_s"] = _lap(t, device)
+    model.train(was_training)
+    report = PruneReport(
+        config=config.to_dict(),
+        model=type(model).__name__,
+        device=str(device),
+        calibration={
+            "samples_x_seqlen": None if calibration is None else list(calibration.shape),
+            "batch_size": used["batch_size"],
+        },
+        wall_time_s=time.perf_counter() - start,
+        phase_time_s=timings,
+        peak_memory_bytes=mem.peak_bytes,
+        peak_memory_kind=mem.kind,
+        masks=masks,
+    )
+    report.add_layers(records, summaries)
+    return report
+
+
+def dense_profile(
+    model,
+    calibration: torch.Tensor | None = None,
+    *,
+    inputs=None,
+    device=None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> DenseProfile:
+    """The dense pass alone: squared input norms of every block linear layer."""
+    conv1d_to_linear_(model)
+    structure = find_decoder_blocks(model)
+    blocks = structure.blocks
+    device = torch.device(device) if device is not None else next(blocks.parameters()).device
+    if inputs is None:
+        check_calibration(model, calibration)
+        n, seqlen = calibration.shape
+        bs = batch_size or auto_batch_size(
+            model, n, seqlen, device, next(blocks.parameters()).dtype
+        )
+        inputs = capture_block_inputs(model, blocks, calibration, device, bs)
+    else:
+        inputs = inputs.clone()
+    return _dense_pass(structure, inputs, device, None, progress)[0]
+
+
+def _dense_pass(structure, inputs: BlockInputs, device, config, progress):
+    blocks = structure.blocks
+    src, dst = inputs.hidden, torch.empty_like(inputs.hidden)
+    profile, summaries = DenseProfile({}, inputs.hidden.shape[0] * inputs.hidden.shape[1]), []
+    for i, block in enumerate(tqdm(blocks, desc="dense pass", disable=not progress)):
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = find_linears(block)
+        prefix = f"{structure.path}.{i}."
+        with StatsAccumulator(linears, colsq=True) as acc:
+            last = i == len(blocks) - 1
+            forward_block(block, inputs, src, None if last else dst, acc, f"block {i}")
+        acc.check_finite(prefix)
+        colsq = {name: acc.colsq(name) for name in linears}
+        if config is not None:
+            summaries.append(_summarize(linears, colsq, config))
+        cpu = {}
+        for name, c in colsq.items():  # layers sharing an input share one CPU tensor
+            cpu.setdefault(id(c), c.cpu())
+            profile.colsq[prefix + name] = cpu[id(c)]
+        block.to(home)
+        src, dst = dst, src
+    return profile, summaries
+
+
+def _summaries_from_profile(structure, profile: DenseProfile, device, config):
+    summaries = []
+    for i, block in enumerate(structure.blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = find_linears(block)
+        prefix = f"{structure.path}.{i}."
+        missing = [prefix + n for n in linears if prefix + n not in profile.colsq]
+        if missing:
+            raise InputError(f"the dense profile does not match this model: no {missing[0]}")
+        summaries.append(
+            _summarize(linears, {n: profile.colsq[prefix + n].to(device) for n in linears}, config)
+        )
+        block.to(home)
+    return summaries
+
+
+def _summarize(linears, colsq, config) -> dict:
+    """Outlier ratios (block and per layer) and, for sensitivity, each layer's error curve.
+    Scores are recomputed rather than held: a 7B block's would take 800 MB."""
+    ratio, own = alloc.outlier_ratios(
+        lambda: (wanda_scores(lin.weight, colsq[n]) for n, lin in linears.items()), config.owl_m
+    )
+    layers = dict(zip(linears, own))
+    curves = None
+    if config.allocation == "sensitivity":
+        curves = {
+            name: alloc.error_curve(
+                lin.weight, colsq[name], config.sparsity, config.owl_lambda, config.nm
+            )
+            for name, lin in linears.items()
+        }
+    return {"ratio": ratio, "layers": layers, "curves": curves}
+
+
+def _allocate(structure, config, summaries) -> dict[str, Target]:
+    """{local name per block index: Target} as {(i, name): Target}."""
+    names = [
+        (i, name, lin.weight.shape)
+        for i, block in enumerate(structure.blocks)
+        for name, lin in find_linears(block).items()
+    ]
+    nm = config.nm
+    if config.allocation == "uniform":
+        return {(i, n): Target.of(config.sparsity, nm) for i, n, _ in names}
+    if config.allocation == "owl":
+        s_b = alloc.owl_sparsities(
+            [s["ratio"] for s in summaries], config.sparsity, config.owl_lambda
+        )
+        if nm is not None:
+            sizes = [
+                sum(lin.weight.numel() for lin in find_linears(b).values())
+                for b in structure.blocks
+            ]
+            n_b = alloc.nm_levels(s_b, sizes, nm[0], nm[1])
+            return {(i, n): Target.of(0.0, (n_b[i], nm[1])) for i, n, _ in names}
+        return {(i, n): Target(s_b[i]) for i, n, _ in names}
+    curves = [summaries[i]["curves"][n] for i, n, _ in names]
+    levels = alloc.sensitivity_levels(curves, config.sparsity)
+    return {(i, n): c.target(k, nm) for (i, n, _), c, k in zip(names, curves, levels)}
+
+
+def _prune_pass(structure, inputs, device, config, targets, keep_masks, progress):
+    blocks = structure.blocks
+    scorer, needs = SCORERS[config.method], NEEDS[config.method]
+    src = None if inputs is None else inputs.hidden
+    dst = None if inputs is None else torch.empty_like(src)
+    records, masks, done = [], {}, 0
+    for i, block in enumerate(tqdm(blocks, desc=f"{config.method}", disable=not progress)):
+        touched = False
+        try:
+            home = next(block.parameters()).device
+            block.to(device)
+            linears = find_linears(block)
+            prefix = f"{structure.path}.{i}."
+            acc = StatsAccumulator(linears, colsq="colsq" in needs, hessian="hessian" in needs)
+            if needs:
+                with acc:
+                    forward_block(block, inputs, src, None, acc, f"block {i}")
+                acc.check_finite(prefix)
+            for name, lin in linears.items():
+                target = targets[(i, name)]
+                if target.sparsity == 0.0:
+                    new, keep = None, torch.ones_like(lin.weight, dtype=torch.bool)
+                else:
+                    new, keep = scorer(lin.weight, acc, target, name)
+                touched = True
+                if new is not None:
+                    lin.weight.copy_(new)
+                else:
+                    lin.weight.masked_fill_(~keep, 0)
+                if keep_masks:
+                    masks[prefix + name] = keep.cpu()
+                records.append(
+                    LayerRecord(
+                        name=prefix + name,
+                        block=i,
+                        shape=tuple(lin.weight.shape),
+                        target=target.describe(),
+                        target_sparsity=target.sparsity,
+                        achieved_sparsity=mask_sparsity(keep),
+                    )
+                )
+            del acc
+            if needs and i < len(blocks) - 1:
+                forward_block(block, inputs, src, dst, None, f"pruned block {i}")
+                src, dst = dst, src
+            block.to(home)
+        except Exception as e:
+            if done == 0 and not touched:
+                raise
+            part = f"; block {i} is partly pruned" if touched else ""
+            raise PruneError(
+                f"pruning failed in block {i} ({structure.path}.{i}): {type(e).__name__}: {e}. "
+                f"The model is left partly pruned: blocks 0-{i - 1} are pruned in place{part}; "
+                f"blocks {i + (1 if touched else 0)}-{len(blocks) - 1} are dense. Reload the "
+                "model before retrying."
+            ) from e
+        done += 1
+    return records, masks
+
+
+def _check_weights(structure, config) -> None:
+    nm = config.nm
+    for i, block in enumerate(structure.blocks):
+        for name, lin in find_linears(block).items():
+            w = lin.weight
+            if not torch.isfinite(w.sum(dtype=torch.float32)):  # NaN/Inf survive a sum
+                raise InputError(
+                    f"{structure.path}.{i}.{name}: weight {tuple(w.shape)} contains NaN or Inf"
+                )
+            if nm is not None and w.shape[1] % nm[1]:
+                raise InputError(
+                    f"{structure.path}.{i}.{name}: input width {w.shape[1]} "
+                    f"(weight {tuple(w.shape)}) is not divisible by M={nm[1]} "
+                    f"of pattern {config.pattern}"
+                )
+
+
+def _lap(t: float, device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return round(time.perf_counter() - t, 4)
