@@ -40,6 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import LLAMA2_7B_SHAPE, random_llama  # noqa: E402
 from owl_sparse import model_io  # noqa: E402
 from owl_sparse.checkpoint import WEIGHTS, save_pretrained  # noqa: E402
 from owl_sparse.formats import FORMATS  # noqa: E402
@@ -48,17 +49,7 @@ from owl_sparse.nn import sparsify_  # noqa: E402
 from owl_sparse.prune.masks import select_nm, select_unstructured  # noqa: E402
 from owl_sparse.safetensors_io import file_size, write_safetensors  # noqa: E402
 
-LLAMA2_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-    rms_norm_eps=1e-5,
-)
+LLAMA2_7B = dict(LLAMA2_7B_SHAPE, tie_word_embeddings=False, rms_norm_eps=1e-5)
 SMALL = dict(
     vocab_size=1000,
     hidden_size=256,
@@ -137,8 +128,7 @@ def check_counting(fmt: str, sparsity: float) -> dict:
     from safetensors.torch import save_file
 
     config = tf.LlamaConfig(**SMALL)
-    torch.manual_seed(1)
-    model = tf.AutoModelForCausalLM.from_config(config).half().eval()
+    model = random_llama(config, seed=1).half()
     structure = find_decoder_blocks(model)
     masks = {}
     for i, block in enumerate(structure.blocks):

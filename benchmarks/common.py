@@ -16,6 +16,7 @@ A measurement that fails to capture falls back to events around eager calls and 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -33,6 +34,36 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
+
+# LLaMA-2-7B's shape (LlamaConfig keyword arguments); other fields keep their defaults.
+LLAMA2_7B_SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+)
+
+
+def random_llama(config, dtype: torch.dtype | None = None, device=None, seed: int = 0):
+    """A LLaMA causal LM with random weights, in eval mode.
+
+    ``config``: a ``LlamaConfig`` or its keyword arguments (e.g. :data:`LLAMA2_7B_SHAPE`).
+    ``dtype``: of the parameters (the config's default when None).  ``device``: where the
+    weights are created (the current default device when None).  ``torch.manual_seed(seed)``
+    runs first, so the weights are reproducible.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if isinstance(config, dict):
+        config = LlamaConfig(**config)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    torch.manual_seed(seed)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.eval()
 
 
 @dataclass

@@ -9,16 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import LLAMA2_7B_SHAPE, random_llama
+
 RANDOM_CONFIGS = {
-    "llama2-7b": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-    ),
+    "llama2-7b": dict(LLAMA2_7B_SHAPE),
     "smollm2-135m-shape": dict(
         vocab_size=49152,
         hidden_size=576,
@@ -89,13 +83,7 @@ def build(model_name: str, variant: str, device, dtype, args) -> tuple:
 
     notes = {}
     if model_name in RANDOM_CONFIGS:
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        torch.manual_seed(args.seed)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(
-                LlamaConfig(**RANDOM_CONFIGS[model_name]), dtype=dtype
-            ).eval()
+        model = random_llama(RANDOM_CONFIGS[model_name], dtype=dtype, device=device, seed=args.seed)
         if variant != "dense":
             profile = _load_profile(args.owl_profile) if "smollm2" in model_name else None
             gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -46,6 +46,18 @@ def _stamp(env: dict) -> str:
     return f"{env.get('device', '?')} | commit {env.get('commit', '?')} | {env.get('date', '?')}"
 
 
+def _save(fig, doc: dict, stem: Path, suffix: str) -> Path:
+    """Stamp, lay out, write and close ``fig`` as ``<stem><suffix>``; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(_stamp(doc["env"]), fontsize=8)
+    fig.tight_layout()
+    path = stem.with_name(stem.name + suffix)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_kernels(doc: dict, stem: str | Path) -> list[Path]:
     """Write the two PNGs for a kernel document; returns their paths (empty: no data)."""
     import matplotlib
@@ -102,11 +114,7 @@ def plot_kernels(doc: dict, stem: str | Path) -> list[Path]:
             ylabel="speed-up over cuBLAS",
         )
         ax.legend(fontsize=7)
-    fig.suptitle(_stamp(doc["env"]), fontsize=8)
-    fig.tight_layout()
-    paths.append(stem.with_name(stem.name + "-speedup-vs-sparsity.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, doc, stem, "-speedup-vs-sparsity.png"))
 
     # 2. speed-up against token count, one line per pattern, its ceiling dashed
     fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.8), squeeze=False)
@@ -133,11 +141,7 @@ def plot_kernels(doc: dict, stem: str | Path) -> list[Path]:
             ylabel="speed-up over cuBLAS",
         )
         ax.legend(fontsize=7)
-    fig.suptitle(_stamp(doc["env"]), fontsize=8)
-    fig.tight_layout()
-    paths.append(stem.with_name(stem.name + "-speedup-vs-tokens.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, doc, stem, "-speedup-vs-tokens.png"))
     return paths
 
 

@@ -287,6 +287,28 @@ __device__ void epilogue(const float* cs, const EpilogueArgs& ep, int m0, int n0
   }
 }
 
+// The end of both MMA kernels: wait for the cp.async ring to drain, stage the block's
+// accumulators (MT x NT m16n8 fragments per warp, warp (wm, wn)) in shared memory as cs,
+// then run the epilogue.  The ring is free once every warp passes the first barrier, so
+// cs reuses it from the start of dynamic shared memory.
+template <typename T, int MT, int NT, int BM, int BN, int NTHREADS>
+__device__ __forceinline__ void store_block(uint8_t* smem, const float (&acc)[MT][NT][4],
+                                            const EpilogueArgs& ep, int wm, int wn, int m0,
+                                            int n0, int tid) {
+  cp_async_wait<0>();
+  __syncthreads();
+  float* cs = reinterpret_cast<float*>(smem);
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      acc_to_smem<BM>(cs, acc[i][j], wm * MT * 16 + i * 16 + g, wn * NT * 8 + j * 8 + 2 * t);
+  __syncthreads();
+  epilogue<T, BM, BN, NTHREADS>(cs, ep, m0, n0, blockIdx.z, blockIdx.y * gridDim.x + blockIdx.x,
+                                tid);
+}
+
 // ---- host-side helpers -------------------------------------------------------------
 
 struct DeviceLimits {

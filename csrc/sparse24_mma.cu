@@ -164,19 +164,7 @@ struct Sp24Kernel {
         if (s + 2 < nst) step(p, xs, s + 2, nst, st0, n0, mt0, wn, tid, f2, f1, acc);
       }
     }
-    cp_async_wait<0>();
-    __syncthreads();  // the ring is free: reuse it for the output tile
-
-    float* cs = reinterpret_cast<float*>(smem);
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-        acc_to_smem<BM>(cs, acc[i][j], wm * MT * 16 + i * 16 + g, wn * NT * 8 + j * 8 + 2 * t);
-    __syncthreads();
-    epilogue<T, BM, BN, kThreads>(cs, p.ep, m0, n0, blockIdx.z, blockIdx.y * gridDim.x + blockIdx.x,
-                                  tid);
+    store_block<T, MT, NT, BM, BN, kThreads>(smem, acc, p.ep, wm, wn, m0, n0, tid);
   }
 };
 

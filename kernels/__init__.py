@@ -21,6 +21,23 @@ def _cfg_str(c) -> str:
     return f"{kw},warps={c.num_warps},stages={c.num_stages}"
 
 
+def _bitmap_sig(d: str, out: str, ints: tuple[str, ...]) -> dict[str, str]:
+    """Argument types of the bitmap kernels: six pointers, then the int arguments."""
+    sig = dict(
+        x_ptr=f"*{d}",
+        bitmap_ptr="*i32",
+        values_ptr=f"*{d}",
+        offsets_ptr="*i32",
+        bias_ptr=f"*{d}",
+        out_ptr=f"*{out}",
+    )
+    sig.update({n: "i32" for n in ints})
+    return sig
+
+
+_BITMAP_INTS = ("T", "N", "K", "Np", "n_words", "n_col_tiles")
+
+
 def _variants(full: bool):
     """(name, jit fn, signature, constexprs, num_warps, num_stages) for every kernel variant."""
     import torch
@@ -39,20 +56,7 @@ def _variants(full: bool):
             kw = c.kwargs
             for partial in (False, True):
                 out = "fp32" if partial else d
-                sig = dict(
-                    x_ptr=f"*{d}",
-                    bitmap_ptr="*i32",
-                    values_ptr=f"*{d}",
-                    offsets_ptr="*i32",
-                    bias_ptr=f"*{d}",
-                    out_ptr=f"*{out}",
-                )
-                sig.update(
-                    {
-                        n: "i32"
-                        for n in ("T", "N", "K", "Np", "n_words", "n_col_tiles", "tiles_per_split")
-                    }
-                )
+                sig = _bitmap_sig(d, out, (*_BITMAP_INTS, "tiles_per_split"))
                 const = dict(
                     HAS_BIAS=True,
                     PARTIAL=partial,
@@ -71,15 +75,7 @@ def _variants(full: bool):
                     c.num_stages,
                 )
         for c in mm_configs(4096, 4096, 4096, dtype)[: None if full else 1]:
-            sig = dict(
-                x_ptr=f"*{d}",
-                bitmap_ptr="*i32",
-                values_ptr=f"*{d}",
-                offsets_ptr="*i32",
-                bias_ptr=f"*{d}",
-                out_ptr=f"*{d}",
-            )
-            sig.update({n: "i32" for n in ("T", "N", "K", "Np", "n_words", "n_col_tiles")})
+            sig = _bitmap_sig(d, d, _BITMAP_INTS)
             const = dict(HAS_BIAS=True, DOT_FP32=dtype == torch.float32, HW_POPC=True, **c.kwargs)
             yield (
                 f"bitmap_mm[{d},{_cfg_str(c)}]",

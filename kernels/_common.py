@@ -104,6 +104,15 @@ def output(out, t: int, n: int, x2d: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def split_plan(n_steps: int, split_k: int) -> tuple[int, int]:
+    """(steps per split, number of splits) for ``n_steps`` K steps and a SPLIT_K upper bound.
+
+    Rounding the per-split size up can leave trailing splits empty; they are dropped.
+    """
+    per_split = -(-n_steps // split_k)
+    return per_split, -(-n_steps // per_split)
+
+
 def finish_split(partial: torch.Tensor, bias, out: torch.Tensor) -> torch.Tensor:
     """Sum the fp32 split-K partials [S, T, N] (+ bias) into ``out`` (deterministic order)."""
     res = partial.sum(0)
@@ -125,12 +134,19 @@ class Tuner:
         self.best: dict[tuple, triton.Config] = {}
 
     def pick(
-        self, key: tuple, candidates: list[triton.Config], run: Callable[[triton.Config], object]
+        self,
+        key: tuple,
+        make_candidates: Callable[[], list[triton.Config]],
+        run: Callable[[triton.Config], object],
     ):
-        if len(candidates) == 1 or interpreting():
-            return candidates[0]
+        # The cache is consulted first so that a tuned shape does not rebuild its candidate
+        # list on every call (hot path: one call per layer per decode step).  Keys are only
+        # stored below, for lists of more than one candidate outside the interpreter.
         if key in self.best:
             return self.best[key]
+        candidates = make_candidates()
+        if len(candidates) == 1 or interpreting():
+            return candidates[0]
         if (
             os.environ.get("OWL_SPARSE_AUTOTUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()
@@ -148,6 +164,35 @@ class Tuner:
         log.info("%s %s -> %s (%.4f ms)", self.name, key, best, min(timings))
         self.best[key] = best
         return best
+
+
+def run_launcher(
+    name: str,
+    tuner: Tuner,
+    make_candidates: Callable[[int], list[triton.Config]],
+    launch: Callable,
+    x2d: torch.Tensor,
+    packed,
+    bias,
+    config,
+    out,
+) -> torch.Tensor:
+    """The common body of the public launchers: check, allocate, pick a config, launch.
+
+    ``make_candidates(t)`` lists the kernel's configs for ``t`` tokens (heuristic default
+    first); ``launch(cfg, x2d, packed, bias, out)`` runs one and returns the [T, N] result.
+    """
+    check_launch(name, x2d, packed, bias)
+    t = x2d.shape[0]
+    out = output(out, t, packed.N, x2d)
+    if t == 0:
+        return out
+    if config is None:
+        key = (packed.N, packed.K, next_pow2(t), x2d.dtype, x2d.device)
+        config = tuner.pick(
+            key, lambda: make_candidates(t), lambda c: launch(c, x2d, packed, bias, out)
+        )
+    return launch(config, x2d, packed, bias, out)
 
 
 # ---------------------------------------------------------------------------- device code
@@ -185,6 +230,22 @@ def accumulate(acc, w, xt, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
     else:
         acc += w.to(tl.float32)[:, None, :] * xt.to(tl.float32)[None, :, :]
     return acc
+
+
+@triton.jit
+def load_x_tile(x_rows, tok_ok, k_idx, K):
+    """Activation tile [BT, len(k_idx)]: row pointers x_rows [BT, 1], zeros past T and K."""
+    return tl.load(x_rows + k_idx[None, :], mask=tok_ok & (k_idx < K)[None, :], other=0.0)
+
+
+@triton.jit
+def reduce_acc(acc, USE_DOT: tl.constexpr):
+    """The [BN, BT] result of :func:`accumulate`'s accumulator (sums the deferred K axis)."""
+    if USE_DOT:
+        res = acc
+    else:
+        res = tl.sum(acc, axis=2)
+    return res
 
 
 @triton.jit

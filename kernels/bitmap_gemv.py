@@ -27,15 +27,17 @@ import triton.language as tl
 from ._common import (
     Tuner,
     accumulate,
-    check_launch,
     dot_fp32,
     finish_split,
     interpreting,
+    load_x_tile,
     next_pow2,
-    output,
     popc32,
+    reduce_acc,
+    run_launcher,
     sm_count,
     split_k_for,
+    split_plan,
     store_output,
     workspace,
 )
@@ -129,13 +131,9 @@ def _bitmap_gemv_kernel(
             BLOCK_N,
             HW_POPC,
         )
-        k_idx = kt * 128 + cols
-        xt = tl.load(x_rows + k_idx[None, :], mask=tok_ok & (k_idx < K)[None, :], other=0.0)
+        xt = load_x_tile(x_rows, tok_ok, kt * 128 + cols, K)
         acc = accumulate(acc, w, xt, USE_DOT, DOT_FP32)
-    if USE_DOT:
-        res = acc
-    else:
-        res = tl.sum(acc, axis=2)
+    res = reduce_acc(acc, USE_DOT)
     store_output(out_ptr, bias_ptr, res, rows, toks, pid_k, T, N, HAS_BIAS, PARTIAL)
 
 
@@ -179,8 +177,7 @@ def _launch(cfg: triton.Config, x2d, packed, bias, out):
     t = x2d.shape[0]
     np_, kp = packed.padded_shape
     n_col_tiles = kp // 128
-    per_split = -(-n_col_tiles // kw["SPLIT_K"])
-    split = -(-n_col_tiles // per_split)
+    per_split, split = split_plan(n_col_tiles, kw["SPLIT_K"])
     target = out if split == 1 else workspace((split, t, packed.N), out.device)
     grid = (triton.cdiv(np_, kw["BLOCK_N"]), split, triton.cdiv(t, kw["BLOCK_T"]))
     _bitmap_gemv_kernel[grid](
@@ -223,13 +220,14 @@ def bitmap_gemv(
     forces one of :func:`gemv_configs` (tests); otherwise the tuned choice for the shape.
     Accumulates in fp32; returns a new tensor in x2d's dtype.
     """
-    check_launch("bitmap_gemv", x2d, packed, bias)
-    t = x2d.shape[0]
-    out = output(out, t, packed.N, x2d)
-    if t == 0:
-        return out
-    if config is None:
-        cands = gemv_configs(packed.N, packed.K, t, sm_count(x2d.device), x2d.dtype)
-        key = (packed.N, packed.K, next_pow2(t), x2d.dtype, x2d.device)
-        config = _TUNER.pick(key, cands, lambda c: _launch(c, x2d, packed, bias, out))
-    return _launch(config, x2d, packed, bias, out)
+    return run_launcher(
+        "bitmap_gemv",
+        _TUNER,
+        lambda t: gemv_configs(packed.N, packed.K, t, sm_count(x2d.device), x2d.dtype),
+        _launch,
+        x2d,
+        packed,
+        bias,
+        config,
+        out,
+    )

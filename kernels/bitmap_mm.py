@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Tuner, check_launch, dot_fp32, interpreting, next_pow2, output
+from ._common import Tuner, dot_fp32, interpreting, load_x_tile, next_pow2, run_launcher
 from .bitmap_gemv import decode_bitmap_tile
 
 
@@ -71,8 +71,7 @@ def _bitmap_mm_kernel(
             BLOCK_N,
             HW_POPC,
         )
-        k_idx = kt * 128 + cols
-        xt = tl.load(x_rows + k_idx[None, :], mask=tok_ok & (k_idx < K)[None, :], other=0.0)
+        xt = load_x_tile(x_rows, tok_ok, kt * 128 + cols, K)
         if DOT_FP32:
             acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
@@ -153,13 +152,14 @@ def bitmap_mm(
     Same contract as :func:`owl_sparse.kernels.bitmap_gemv.bitmap_gemv`; ``config`` forces
     one of :func:`mm_configs`.
     """
-    check_launch("bitmap_mm", x2d, packed, bias)
-    t = x2d.shape[0]
-    out = output(out, t, packed.N, x2d)
-    if t == 0:
-        return out
-    if config is None:
-        cands = mm_configs(packed.N, packed.K, t, x2d.dtype)
-        key = (packed.N, packed.K, next_pow2(t), x2d.dtype, x2d.device)
-        config = _TUNER.pick(key, cands, lambda c: _launch(c, x2d, packed, bias, out))
-    return _launch(config, x2d, packed, bias, out)
+    return run_launcher(
+        "bitmap_mm",
+        _TUNER,
+        lambda t: mm_configs(packed.N, packed.K, t, x2d.dtype),
+        _launch,
+        x2d,
+        packed,
+        bias,
+        config,
+        out,
+    )

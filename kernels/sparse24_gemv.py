@@ -26,14 +26,16 @@ import triton.language as tl
 from ._common import (
     Tuner,
     accumulate,
-    check_launch,
     dot_fp32,
     finish_split,
     interpreting,
+    load_x_tile,
     next_pow2,
-    output,
+    reduce_acc,
+    run_launcher,
     sm_count,
     split_k_for,
+    split_plan,
     store_output,
     workspace,
 )
@@ -132,8 +134,7 @@ def _sparse24_gemv_kernel(
         )
         if USE_DOT:
             w = expand_24(v0, v1, i0, i1, BLOCK_N, BLOCK_K)
-            k_idx = k0 + cols
-            xt = tl.load(x_rows + k_idx[None, :], mask=tok_ok & (k_idx < K)[None, :], other=0.0)
+            xt = load_x_tile(x_rows, tok_ok, k0 + cols, K)
             acc = accumulate(acc, w, xt, USE_DOT, DOT_FP32)
         else:
             # Few tokens: gather the two activations each stored value multiplies (x is
@@ -144,10 +145,7 @@ def _sparse24_gemv_kernel(
             xb = tl.load(x_rows3 + (gc[None, :] + i1)[:, None, :], mask=ok, other=0.0)
             acc += v0.to(tl.float32)[:, None, :] * xa.to(tl.float32)
             acc += v1.to(tl.float32)[:, None, :] * xb.to(tl.float32)
-    if USE_DOT:
-        res = acc
-    else:
-        res = tl.sum(acc, axis=2)
+    res = reduce_acc(acc, USE_DOT)
     store_output(out_ptr, bias_ptr, res, rows, toks, pid_k, T, N, HAS_BIAS, PARTIAL)
 
 
@@ -190,8 +188,7 @@ def _launch(cfg: triton.Config, x2d, packed, bias, out):
     kw = cfg.kwargs
     t, k = x2d.shape
     n_chunks = -(-k // kw["BLOCK_K"])
-    per_split = -(-n_chunks // kw["SPLIT_K"])
-    split = -(-n_chunks // per_split)
+    per_split, split = split_plan(n_chunks, kw["SPLIT_K"])
     target = out if split == 1 else workspace((split, t, packed.N), out.device)
     grid = (triton.cdiv(packed.N, kw["BLOCK_N"]), split, triton.cdiv(t, kw["BLOCK_T"]))
     _sparse24_gemv_kernel[grid](
@@ -230,13 +227,14 @@ def sparse24_gemv(
     ``x2d``: contiguous, the values' dtype and device; ``bias``: [N] or None; ``config``
     forces one of :func:`sparse24_configs`.  Accumulates in fp32.
     """
-    check_launch("sparse24_gemv", x2d, packed, bias)
-    t = x2d.shape[0]
-    out = output(out, t, packed.N, x2d)
-    if t == 0:
-        return out
-    if config is None:
-        cands = sparse24_configs(packed.N, packed.K, t, sm_count(x2d.device), x2d.dtype)
-        key = (packed.N, packed.K, next_pow2(t), x2d.dtype, x2d.device)
-        config = _TUNER.pick(key, cands, lambda c: _launch(c, x2d, packed, bias, out))
-    return _launch(config, x2d, packed, bias, out)
+    return run_launcher(
+        "sparse24_gemv",
+        _TUNER,
+        lambda t: sparse24_configs(packed.N, packed.K, t, sm_count(x2d.device), x2d.dtype),
+        _launch,
+        x2d,
+        packed,
+        bias,
+        config,
+        out,
+    )

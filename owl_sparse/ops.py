@@ -71,6 +71,14 @@ def _run_cuda(packed, x: Tensor, bias: Tensor | None) -> Tensor:
     return y2d.view(*x.shape[:-1], packed.N)
 
 
+def _fake_output(op: str, x: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    """The fake kernels' bias checks (torch._check) and their [..., N] result."""
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == n, lambda: f"{op}: bias must be [{n}]")
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias dtype must match x")
+    return x.new_empty((*x.shape[:-1], n))
+
+
 # ---------------------------------------------------------------------------- bitmap
 @torch.library.custom_op("owl_sparse::bitmap_linear", mutates_args=())
 def bitmap_linear(
@@ -123,12 +131,7 @@ def _bitmap_linear_fake(x, bitmap, values, tile_offsets, bias, out_features, in_
         tile_offsets.dim() == 1 and tile_offsets.shape[0] == n_tiles + 1,
         lambda: f"bitmap_linear: tile_offsets must be [{n_tiles + 1}]",
     )
-    if bias is not None:
-        torch._check(
-            bias.dim() == 1 and bias.shape[0] == n, lambda: f"bitmap_linear: bias must be [{n}]"
-        )
-        torch._check(bias.dtype == x.dtype, lambda: "bitmap_linear: bias dtype must match x")
-    return x.new_empty((*x.shape[:-1], n))
+    return _fake_output("bitmap_linear", x, bias, n)
 
 
 # ---------------------------------------------------------------------------- 2:4
@@ -162,12 +165,7 @@ def _sparse24_linear_fake(x, values, meta, bias):
         meta.dim() == 2 and meta.shape[0] == n and meta.shape[1] == (k + 7) // 8,
         lambda: f"sparse24_linear: meta must be [{n}, {(k + 7) // 8}], got {list(meta.shape)}",
     )
-    if bias is not None:
-        torch._check(
-            bias.dim() == 1 and bias.shape[0] == n, lambda: f"sparse24_linear: bias must be [{n}]"
-        )
-        torch._check(bias.dtype == x.dtype, lambda: "sparse24_linear: bias dtype must match x")
-    return x.new_empty((*x.shape[:-1], n))
+    return _fake_output("sparse24_linear", x, bias, n)
 
 
 # ---------------------------------------------------------------------------- autograd

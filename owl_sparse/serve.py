@@ -332,7 +332,6 @@ def _generate_batch(
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     cuda = device.type == "cuda"
     marks = [_mark(cuda)]
-    steps = 0
     for t in range(max_new_tokens):
         out[:, t] = token
         if eos:
@@ -343,7 +342,6 @@ def _generate_batch(
             break
         token = pick(step(token, t))
         marks.append(_mark(cuda))
-        steps += 1
     _sync(device)
     step_s = [_elapsed(a, z) for a, z in zip(marks[:-1], marks[1:])]
     rows = out.cpu().tolist()

@@ -82,3 +82,33 @@ def require_keys(fmt: str, state, prefix: str, names) -> None:
     missing = [prefix + n for n in names if prefix + n not in state]
     if missing:
         raise InputError(f"{fmt}: state dict lacks {missing}")
+
+
+def write_state(prefix: str, tensors: dict[str, Tensor], n: int, k: int, device) -> dict:
+    """Flat state dict: ``tensors`` under ``prefix`` plus ``{prefix}shape`` (int64 [N, K])."""
+    out = {prefix + name: t for name, t in tensors.items()}
+    out[prefix + "shape"] = shape_tensor(n, k, device)
+    return out
+
+
+def read_state(fmt: str, state, prefix: str, names) -> tuple[list[Tensor], int, int]:
+    """([state[prefix + name] for name in names], N, K), after checking keys and shape."""
+    require_keys(fmt, state, prefix, (*names, "shape"))
+    n, k = read_shape(state[prefix + "shape"], prefix + "shape")
+    return [state[prefix + name] for name in names], n, k
+
+
+class PackedWeightMixin:
+    """Properties shared by the packed weight classes (which have N, K and ``values``)."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.N, self.K)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device

@@ -37,13 +37,13 @@ from torch import Tensor
 from ..errors import InputError
 from ._common import (
     FLOAT_DTYPES,
+    PackedWeightMixin,
     check_mask,
     check_tensor,
     check_weight,
     popcount32,
-    read_shape,
-    require_keys,
-    shape_tensor,
+    read_state,
+    write_state,
 )
 
 TILE_N = 16
@@ -81,7 +81,7 @@ def _to_tiles(t: Tensor, np_: int, kp: int) -> Tensor:
 
 
 @dataclass(frozen=True, eq=False)
-class BitmapWeight:
+class BitmapWeight(PackedWeightMixin):
     """A weight ``[N, K]`` packed in the bitmap format (see the module docstring).
 
     Fields: ``bitmap`` int32 ``[Np, Kp/32]``, ``values`` 1-D ``[nnz + VALUES_PAD]`` in the
@@ -122,10 +122,7 @@ class BitmapWeight:
             )
 
     # ------------------------------------------------------------------ properties
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.N, self.K)
-
+    # shape, dtype and device: PackedWeightMixin.
     @property
     def padded_shape(self) -> tuple[int, int]:
         return padded_shape(self.N, self.K)
@@ -146,14 +143,6 @@ class BitmapWeight:
         return sum(
             t.numel() * t.element_size() for t in (self.bitmap, self.values, self.tile_offsets)
         )
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
 
     def __repr__(self) -> str:
         return (
@@ -249,23 +238,16 @@ class BitmapWeight:
     # ------------------------------------------------------------------ state dict / device
     def state_dict(self, prefix: str = "") -> dict[str, Tensor]:
         """Flat dict: bitmap, values, tile_offsets, shape (int64 [N, K])."""
-        return {
-            prefix + "bitmap": self.bitmap,
-            prefix + "values": self.values,
-            prefix + "tile_offsets": self.tile_offsets,
-            prefix + "shape": shape_tensor(self.N, self.K, self.device),
-        }
+        tensors = dict(bitmap=self.bitmap, values=self.values, tile_offsets=self.tile_offsets)
+        return write_state(prefix, tensors, self.N, self.K, self.device)
 
     @classmethod
     def from_state_dict(
         cls, state: dict[str, Tensor], prefix: str = "", validate: bool = True
     ) -> BitmapWeight:
         """Rebuild from :meth:`state_dict` output; validates dtypes, shapes and contents."""
-        require_keys("bitmap", state, prefix, ("bitmap", "values", "tile_offsets", "shape"))
-        n, k = read_shape(state[prefix + "shape"], prefix + "shape")
-        out = cls(
-            state[prefix + "bitmap"], state[prefix + "values"], state[prefix + "tile_offsets"], n, k
-        )
+        tensors, n, k = read_state("bitmap", state, prefix, ("bitmap", "values", "tile_offsets"))
+        out = cls(*tensors, n, k)
         return out.validate() if validate else out
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> BitmapWeight:

@@ -29,12 +29,12 @@ from torch import Tensor
 from ..errors import InputError
 from ._common import (
     FLOAT_DTYPES,
+    PackedWeightMixin,
     check_mask,
     check_tensor,
     check_weight,
-    read_shape,
-    require_keys,
-    shape_tensor,
+    read_state,
+    write_state,
 )
 
 # Nibble stored for the padding group when K % 8 == 4: idx0 = 0, idx1 = 1.
@@ -56,7 +56,7 @@ def decode_meta(meta: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 @dataclass(frozen=True, eq=False)
-class Sparse24Weight:
+class Sparse24Weight(PackedWeightMixin):
     """A weight ``[N, K]`` packed in the 2:4 format (see the module docstring).
 
     Fields: ``values`` ``[N, K/2]`` (fp16/bf16/fp32) and ``meta`` uint8 ``[N, ceil(K/8)]``;
@@ -91,10 +91,7 @@ class Sparse24Weight:
     def K(self) -> int:
         return 2 * self.values.shape[1]
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.N, self.K)
-
+    # shape, dtype and device: PackedWeightMixin.
     @property
     def nbytes(self) -> int:
         """Bytes of values + meta."""
@@ -104,14 +101,6 @@ class Sparse24Weight:
     def sparsity(self) -> float:
         """Structural sparsity of the format: always 0.5 (filler positions count as kept)."""
         return 0.5
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
 
     def __repr__(self) -> str:
         return (
@@ -196,20 +185,16 @@ class Sparse24Weight:
     # ------------------------------------------------------------------ state dict / device
     def state_dict(self, prefix: str = "") -> dict[str, Tensor]:
         """Flat dict: values, meta, shape (int64 [N, K])."""
-        return {
-            prefix + "values": self.values,
-            prefix + "meta": self.meta,
-            prefix + "shape": shape_tensor(self.N, self.K, self.device),
-        }
+        tensors = dict(values=self.values, meta=self.meta)
+        return write_state(prefix, tensors, self.N, self.K, self.device)
 
     @classmethod
     def from_state_dict(
         cls, state: dict[str, Tensor], prefix: str = "", validate: bool = True
     ) -> Sparse24Weight:
         """Rebuild from :meth:`state_dict` output; validates dtypes, shapes and contents."""
-        require_keys("2:4", state, prefix, ("values", "meta", "shape"))
-        n, k = read_shape(state[prefix + "shape"], prefix + "shape")
-        out = cls(state[prefix + "values"], state[prefix + "meta"])
+        tensors, n, k = read_state("2:4", state, prefix, ("values", "meta"))
+        out = cls(*tensors)
         if out.shape != (n, k):
             raise InputError(
                 f"2:4: {prefix}shape says [{n}, {k}] but values/meta describe {list(out.shape)}"
