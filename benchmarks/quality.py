@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
     digest = hashlib.sha256(f"{args.model}:{tuple(calibration.shape)}".encode())
     digest.update(calibration.numpy().tobytes())
     key = digest.hexdigest()[:16]
-    profile_path = cache_dir() / "quality" / f"dense-profile-{key}.pt"
+    profile_path = cache_dir() / "quality" / f"dense-profile-v2-{key}.pt"
     profile = None
 
     for name in todo:
@@ -188,16 +188,17 @@ def render(done: dict) -> str:
         for a in ALLOCATIONS:
             cells = [fmt(res.get(f"{m}-{a}-{lv}")) for lv in LEVELS]
             lines.append(f"| {m} | {a} | " + " | ".join(cells) + " |")
-    lines += ["", "## OWL against uniform (same method and sparsity)", ""]
-    for m in METHODS:
-        for lv in LEVELS:
-            u, o = res.get(f"{m}-uniform-{lv}"), res.get(f"{m}-owl-{lv}")
-            if u and o and all(math.isfinite(r["perplexity"]) for r in (u, o)):
-                verdict = "helps" if o["perplexity"] < u["perplexity"] else "does not help"
-                lines.append(
-                    f"- {m} at {lv}: OWL {verdict} ({o['perplexity']:.2f} vs "
-                    f"{u['perplexity']:.2f} uniform)"
-                )
+    for alloc in ("owl", "sensitivity"):
+        lines += ["", f"## {alloc} against uniform (same method and sparsity)", ""]
+        for m in METHODS:
+            for lv in LEVELS:
+                u, o = res.get(f"{m}-uniform-{lv}"), res.get(f"{m}-{alloc}-{lv}")
+                if u and o and all(math.isfinite(r["perplexity"]) for r in (u, o)):
+                    verdict = "helps" if o["perplexity"] < u["perplexity"] else "does not help"
+                    lines.append(
+                        f"- {m} at {lv}: {alloc} {verdict} ({o['perplexity']:.2f} vs "
+                        f"{u['perplexity']:.2f} uniform)"
+                    )
     return "\n".join(lines) + "\n"
 
 

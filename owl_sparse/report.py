@@ -9,7 +9,7 @@ def format_table(headers: list[str], rows: list[list], title: str | None = None)
     widths = [
         max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
     ]
-    line = "+".join("-" * (w + 2) for w in widths)
+    line = "-+-".join("-" * w for w in widths)
     out = [title] if title else []
     out.append(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
     out.append(line)

@@ -8,7 +8,8 @@ import torch
 
 from owl_sparse.prune.allocate import (
     ErrorCurve,
-    error_curve,
+    block_curve,
+    layer_error,
     level_bounds,
     nm_levels,
     outlier_ratio,
@@ -62,22 +63,30 @@ def test_nm_levels_keep_m_and_match_the_mean():
     assert set(n_b) <= {2, 3, 4}
 
 
-def test_error_curve_by_hand():
+def test_layer_error_by_hand():
     weight = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     colsq = torch.tensor([1.0, 1.0], dtype=torch.float64)
-    c = error_curve(weight, colsq, target=0.5, lam=0.5, nm=None)
-    # energies [[1, 4], [9, 16]] (total 30); k=1 removes 1 + 9
-    assert (c.lo, c.hi, c.unit, c.width) == (0, 1, 2, 2)
-    np.testing.assert_allclose(c.cost, [0.0, 10 / 30])
-    nm = error_curve(
-        torch.tensor([[1.0, 2.0, 3.0, 4.0]]),
-        torch.ones(4, dtype=torch.float64),
-        target=0.5,
-        lam=0.25,
-        nm=(2, 4),
+    # energies [[1, 4], [9, 16]]: k=1 removes 1 + 9 per the row-wise order, k=2 everything
+    np.testing.assert_allclose(layer_error(weight, colsq, None), [0.0, 10.0, 30.0])
+    # colsq weights the columns: [[1*4, 4*1], [9*4, 16*1]] -> sorted rows [4,4], [16,36]
+    np.testing.assert_allclose(
+        layer_error(weight, torch.tensor([4.0, 1.0], dtype=torch.float64), None), [0, 20, 60]
     )
-    assert (nm.lo, nm.hi, nm.unit) == (1, 3, 1)
-    np.testing.assert_allclose(nm.cost, np.array([1, 5, 14]) / 30)
+    nm = layer_error(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.ones(4), (2, 4))
+    np.testing.assert_allclose(nm, [0, 1, 5, 14, 30])
+
+
+def test_block_curve_sums_layers_at_a_shared_sparsity():
+    a = (np.arange(11, dtype=float) ** 2, (3, 10))  # 3 x 10 layer
+    b = (np.arange(21, dtype=float), (2, 20))  # 2 x 20 layer
+    c = block_curve([a, b], target=0.5, lam=0.1, nm=None, grid=10)
+    assert (c.lo, c.hi, c.unit, c.width) == (4, 6, 70, 10)
+    # s = 0.4: a prunes 4 per row, b 8 per row; s = 0.6: 6 and 12
+    np.testing.assert_allclose(c.cost, [16 + 8, 25 + 10, 36 + 12])
+    assert c.target(5, None).sparsity == 0.5
+    nm = block_curve([(np.array([0, 1, 5, 14, 30.0]), (1, 4))], 0.5, 0.25, (2, 4))
+    assert (nm.lo, nm.hi, nm.unit, nm.width) == (1, 3, 1, 4)
+    assert nm.target(3, (2, 4)).nm == (1, 4)
 
 
 def test_level_bounds():
@@ -91,7 +100,7 @@ def _curve(costs_per_step, unit, width, lo):
     return ErrorCurve(unit=unit, width=width, lo=lo, hi=lo + len(costs_per_step), cost=cost)
 
 
-def test_sensitivity_gives_sensitive_layers_less_sparsity_at_the_budget():
+def test_sensitivity_gives_sensitive_blocks_less_sparsity_at_the_budget():
     steep = _curve([1.0, 2.0, 4.0, 8.0], unit=10, width=10, lo=3)  # levels 3..7
     flat = _curve([0.1, 0.2, 0.3, 0.4], unit=10, width=10, lo=3)
     levels = sensitivity_levels([steep, flat], target=0.5)

@@ -152,14 +152,15 @@ def forward_block(
     src: torch.Tensor,
     dst: torch.Tensor | None,
     stats=None,
-    where: str = "",
 ) -> None:
     """Run ``block`` over all batches of ``src`` ([n, seqlen, dim]); write outputs to
     ``dst`` when given (may not alias ``src``). ``stats`` (a `StatsAccumulator`) is told
-    when each batch ends. Outputs are not checked here: a NaN/Inf reaching the next block
+    when each batch begins (with its input) and ends. Outputs are not checked here: a NaN/Inf reaching the next block
     shows in its statistics (`StatsAccumulator.check_finite`), which costs nothing extra."""
     for b in inputs.batches:
         h = src[b.start : b.stop]
+        if stats is not None:
+            stats.begin_batch(h)
         if b.hidden_key is None:
             out = block(h, *b.args, **b.kwargs)
         else:

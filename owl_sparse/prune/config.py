@@ -54,11 +54,12 @@ class PruneConfig:
             blocks, in [0, 1). Default 0.7 for unstructured; with an N:M pattern it defaults
             to (and must equal) 1 - N/M.
         allocation: ``"uniform"`` (every layer at `sparsity`), ``"owl"`` (per-block
-            sparsity from outlier ratios, Yin et al. 2023) or ``"sensitivity"`` (per-layer
-            sparsity from Hessian-diagonal error curves, after Shao et al. 2023).
+            sparsity from outlier ratios, Yin et al. 2023) or ``"sensitivity"`` (per-block
+            sparsity from second-order error curves, after Shao et al. 2023; derivation in
+            `owl_sparse.prune.allocate`).
         owl_m: OWL's outlier threshold: a score is an outlier above ``owl_m`` x the block mean.
         owl_lambda: OWL: block sparsities span ``target +- owl_lambda`` (spread 2*lambda);
-            sensitivity: no layer deviates from the target by more than ``owl_lambda``.
+            sensitivity: no block deviates from the target by more than ``owl_lambda``.
         pattern: ``"unstructured"`` (row-wise: each output row loses round(s*K) weights)
             or ``"N:M"`` (keep N of every M consecutive input weights of a row). OWL and
             sensitivity with N:M keep M and vary N per block / layer.

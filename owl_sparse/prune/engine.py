@@ -4,7 +4,7 @@ Passes over the decoder blocks (each a layer-sequential walk, see `calibrate`):
 
 1. *dense pass* (OWL and sensitivity only): one forward of each dense block collects the
    squared input norms of its linear layers; from them and the weights come the block's
-   outlier ratio (OWL) and each layer's error curve (sensitivity). The statistics can be
+   outlier ratio (OWL) and its error curve (sensitivity). The statistics can be
    saved as a `DenseProfile` and reused for other configs on the same calibration set.
 2. *allocation*: a `Target` per linear layer (`allocate`).
 3. *pruning pass*: for each block, one forward with the statistics hooks (skipped for
@@ -18,6 +18,7 @@ So OWL + Wanda costs three forwards of each block over the calibration tokens.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,25 +37,29 @@ from .calibrate import (
 from .config import PruneConfig, PruneError
 from .masks import Target, mask_sparsity
 from .report import LayerRecord, PeakMemory, PruneReport
-from .scores import NEEDS, SCORERS, wanda_scores
+from .scores import NEEDS, SCORERS
 from .stats import StatsAccumulator
 
 
 @dataclass
 class DenseProfile:
-    """Squared input norms of every block linear layer of the dense model: ``colsq[fqn]``
-    is a float64 CPU tensor [in] summed over ``tokens`` calibration tokens."""
+    """Input statistics of every block linear layer of the dense model, float64 CPU
+    tensors [in] summed over ``tokens`` calibration tokens: ``colsq[fqn]`` (squared input
+    norms) and ``wcolsq[fqn]`` (the same weighted by the inverse block-input energy)."""
 
     colsq: dict
+    wcolsq: dict
     tokens: int
 
     def save(self, path) -> None:
-        torch.save({"colsq": self.colsq, "tokens": self.tokens}, path)
+        torch.save({"colsq": self.colsq, "wcolsq": self.wcolsq, "tokens": self.tokens}, path)
 
     @staticmethod
     def load(path) -> DenseProfile:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        return DenseProfile(data["colsq"], int(data["tokens"]))
+        if "wcolsq" not in data:
+            raise InputError(f"{path}: a dense profile from an older owl-sparse (no wcolsq)")
+        return DenseProfile(data["colsq"], data["wcolsq"], int(data["tokens"]))
 
 
 @torch.no_grad()
@@ -181,27 +186,38 @@ def dense_profile(
     return _dense_pass(structure, inputs, device, None, progress)[0]
 
 
+@contextmanager
+def _visiting(block, device):
+    """Move ``block`` to ``device`` for the duration, and back even on failure."""
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
+
+
 def _dense_pass(structure, inputs: BlockInputs, device, config, progress):
     blocks = structure.blocks
     src, dst = inputs.hidden, torch.empty_like(inputs.hidden)
-    profile, summaries = DenseProfile({}, inputs.hidden.shape[0] * inputs.hidden.shape[1]), []
+    profile = DenseProfile({}, {}, inputs.hidden.shape[0] * inputs.hidden.shape[1])
+    summaries = []
     for i, block in enumerate(tqdm(blocks, desc="dense pass", disable=not progress)):
-        home = next(block.parameters()).device
-        block.to(device)
-        linears = find_linears(block)
-        prefix = f"{structure.path}.{i}."
-        with StatsAccumulator(linears, colsq=True) as acc:
-            last = i == len(blocks) - 1
-            forward_block(block, inputs, src, None if last else dst, acc, f"block {i}")
-        acc.check_finite(prefix)
-        colsq = {name: acc.colsq(name) for name in linears}
-        if config is not None:
-            summaries.append(_summarize(linears, colsq, config))
-        cpu = {}
-        for name, c in colsq.items():  # layers sharing an input share one CPU tensor
-            cpu.setdefault(id(c), c.cpu())
-            profile.colsq[prefix + name] = cpu[id(c)]
-        block.to(home)
+        with _visiting(block, device):
+            linears = find_linears(block)
+            prefix = f"{structure.path}.{i}."
+            with StatsAccumulator(linears, colsq=True, weighted_colsq=True) as acc:
+                last = i == len(blocks) - 1
+                forward_block(block, inputs, src, None if last else dst, acc)
+            acc.check_finite(prefix)
+            colsq = {name: acc.colsq(name) for name in linears}
+            wcolsq = {name: acc.wcolsq(name) for name in linears}
+            if config is not None:
+                summaries.append(alloc.summarize_block(linears, colsq, wcolsq, config))
+        cpu = {}  # layers sharing an input share one CPU tensor
+        for name in linears:
+            for stat, store in ((colsq, profile.colsq), (wcolsq, profile.wcolsq)):
+                store[prefix + name] = cpu.setdefault(id(stat[name]), stat[name].cpu())
         src, dst = dst, src
     return profile, summaries
 
@@ -209,40 +225,20 @@ def _dense_pass(structure, inputs: BlockInputs, device, config, progress):
 def _summaries_from_profile(structure, profile: DenseProfile, device, config):
     summaries = []
     for i, block in enumerate(structure.blocks):
-        home = next(block.parameters()).device
-        block.to(device)
         linears = find_linears(block)
         prefix = f"{structure.path}.{i}."
         missing = [prefix + n for n in linears if prefix + n not in profile.colsq]
         if missing:
             raise InputError(f"the dense profile does not match this model: no {missing[0]}")
-        summaries.append(
-            _summarize(linears, {n: profile.colsq[prefix + n].to(device) for n in linears}, config)
-        )
-        block.to(home)
+        with _visiting(block, device):
+            colsq = {n: profile.colsq[prefix + n].to(device) for n in linears}
+            wcolsq = {n: profile.wcolsq[prefix + n].to(device) for n in linears}
+            summaries.append(alloc.summarize_block(linears, colsq, wcolsq, config))
     return summaries
 
 
-def _summarize(linears, colsq, config) -> dict:
-    """Outlier ratios (block and per layer) and, for sensitivity, each layer's error curve.
-    Scores are recomputed rather than held: a 7B block's would take 800 MB."""
-    ratio, own = alloc.outlier_ratios(
-        lambda: (wanda_scores(lin.weight, colsq[n]) for n, lin in linears.items()), config.owl_m
-    )
-    layers = dict(zip(linears, own))
-    curves = None
-    if config.allocation == "sensitivity":
-        curves = {
-            name: alloc.error_curve(
-                lin.weight, colsq[name], config.sparsity, config.owl_lambda, config.nm
-            )
-            for name, lin in linears.items()
-        }
-    return {"ratio": ratio, "layers": layers, "curves": curves}
-
-
-def _allocate(structure, config, summaries) -> dict[str, Target]:
-    """{local name per block index: Target} as {(i, name): Target}."""
+def _allocate(structure, config, summaries) -> dict[tuple[int, str], Target]:
+    """A `Target` for every linear layer, keyed by (block index, name inside the block)."""
     names = [
         (i, name, lin.weight.shape)
         for i, block in enumerate(structure.blocks)
@@ -263,69 +259,81 @@ def _allocate(structure, config, summaries) -> dict[str, Target]:
             n_b = alloc.nm_levels(s_b, sizes, nm[0], nm[1])
             return {(i, n): Target.of(0.0, (n_b[i], nm[1])) for i, n, _ in names}
         return {(i, n): Target(s_b[i]) for i, n, _ in names}
-    curves = [summaries[i]["curves"][n] for i, n, _ in names]
+    curves = [s["curve"] for s in summaries]
     levels = alloc.sensitivity_levels(curves, config.sparsity)
-    return {(i, n): c.target(k, nm) for (i, n, _), c, k in zip(names, curves, levels)}
+    return {(i, n): curves[i].target(levels[i], nm) for i, n, _ in names}
 
 
 def _prune_pass(structure, inputs, device, config, targets, keep_masks, progress):
     blocks = structure.blocks
-    scorer, needs = SCORERS[config.method], NEEDS[config.method]
     src = None if inputs is None else inputs.hidden
     dst = None if inputs is None else torch.empty_like(src)
-    records, masks, done = [], {}, 0
+    records, masks = [], {}
     for i, block in enumerate(tqdm(blocks, desc=f"{config.method}", disable=not progress)):
-        touched = False
+        touched: list[str] = []  # layers of this block already modified
         try:
-            home = next(block.parameters()).device
-            block.to(device)
-            linears = find_linears(block)
-            prefix = f"{structure.path}.{i}."
-            acc = StatsAccumulator(linears, colsq="colsq" in needs, hessian="hessian" in needs)
-            if needs:
-                with acc:
-                    forward_block(block, inputs, src, None, acc, f"block {i}")
-                acc.check_finite(prefix)
-            for name, lin in linears.items():
-                target = targets[(i, name)]
-                if target.sparsity == 0.0:
-                    new, keep = None, torch.ones_like(lin.weight, dtype=torch.bool)
-                else:
-                    new, keep = scorer(lin.weight, acc, target, name)
-                touched = True
-                if new is not None:
-                    lin.weight.copy_(new)
-                else:
-                    lin.weight.masked_fill_(~keep, 0)
-                if keep_masks:
-                    masks[prefix + name] = keep.cpu()
-                records.append(
-                    LayerRecord(
-                        name=prefix + name,
-                        block=i,
-                        shape=tuple(lin.weight.shape),
-                        target=target.describe(),
-                        target_sparsity=target.sparsity,
-                        achieved_sparsity=mask_sparsity(keep),
+            with _visiting(block, device):
+                prefix = f"{structure.path}.{i}."
+                for name, keep in _prune_block(block, inputs, src, config, targets, i, touched):
+                    records.append(
+                        LayerRecord(
+                            name=prefix + name,
+                            block=i,
+                            shape=tuple(keep.shape),
+                            target=targets[(i, name)].describe(),
+                            target_sparsity=targets[(i, name)].sparsity,
+                            achieved_sparsity=mask_sparsity(keep),
+                        )
                     )
-                )
-            del acc
-            if needs and i < len(blocks) - 1:
-                forward_block(block, inputs, src, dst, None, f"pruned block {i}")
-                src, dst = dst, src
-            block.to(home)
+                    if keep_masks:
+                        masks[prefix + name] = keep.cpu()
+                if NEEDS[config.method] and i < len(blocks) - 1:
+                    forward_block(block, inputs, src, dst)  # the pruned block's outputs
+                    src, dst = dst, src
         except Exception as e:
-            if done == 0 and not touched:
-                raise
-            part = f"; block {i} is partly pruned" if touched else ""
-            raise PruneError(
-                f"pruning failed in block {i} ({structure.path}.{i}): {type(e).__name__}: {e}. "
-                f"The model is left partly pruned: blocks 0-{i - 1} are pruned in place{part}; "
-                f"blocks {i + (1 if touched else 0)}-{len(blocks) - 1} are dense. Reload the "
-                "model before retrying."
-            ) from e
-        done += 1
+            if i == 0 and not touched:
+                raise  # nothing was modified: the original error is the clearest
+            raise PruneError(_partial_message(structure, i, bool(touched), e)) from e
     return records, masks
+
+
+def _prune_block(block, inputs, src, config, targets, i, touched):
+    """Statistics forward (when the scorer needs one), then score, select and apply the
+    mask of each linear layer; yields (name, keep mask on the device)."""
+    scorer, needs = SCORERS[config.method], NEEDS[config.method]
+    linears = find_linears(block)
+    acc = StatsAccumulator(linears, colsq="colsq" in needs, hessian="hessian" in needs)
+    if needs:
+        with acc:
+            forward_block(block, inputs, src, None, acc)
+        acc.check_finite(f"block {i}: ")
+    for name, lin in linears.items():
+        target = targets[(i, name)]
+        if target.sparsity == 0.0:
+            new, keep = None, torch.ones_like(lin.weight, dtype=torch.bool)
+        else:
+            new, keep = scorer(lin.weight, acc, target, name)
+        touched.append(name)
+        if new is not None:
+            lin.weight.copy_(new)
+        else:
+            lin.weight.masked_fill_(~keep, 0)
+        yield name, keep
+
+
+def _partial_message(structure, i: int, touched: bool, error: Exception) -> str:
+    pruned = f"blocks 0-{i - 1} are pruned in place" if i else "no block is fully pruned"
+    part = f"; block {i} is partly pruned" if touched else ""
+    dense = i + 1 if touched else i
+    rest = (
+        f"; blocks {dense}-{len(structure.blocks) - 1} are dense"
+        if dense < len(structure.blocks)
+        else ""
+    )
+    return (
+        f"pruning failed in block {i} ({structure.path}.{i}): {type(error).__name__}: {error}. "
+        f"The model is left partly pruned: {pruned}{part}{rest}. Reload it before retrying."
+    )
 
 
 def _check_weights(structure, config) -> None:

@@ -6,7 +6,10 @@ layers accumulate, per layer, only what the configured method needs:
 - ``colsq``: float64 [in], the sum over calibration tokens of x_j^2 (Wanda's ||X_j||^2,
   OWL's outlier scores, the diagonal of X^T X for the sensitivity allocation);
 - ``hessian``: float32 [in, in], the sum over tokens of x x^T (SparseGPT's H up to the 2/n
-  factor, which cancels: its damping is relative to mean(diag H)).
+  factor, which cancels: its damping is relative to mean(diag H));
+- ``wcolsq``: float64 [in], the sum over tokens t of x_tj^2 / mean(h_t^2), where h_t is the
+  block's input (residual stream) at token t, told by `begin_batch` (the sensitivity
+  allocation: a perturbation matters relative to the residual stream it is added to).
 
 Both are plain matmul / reduction work in float32 on the device of the inputs, over chunks
 of at most ``chunk_tokens`` tokens so the float32 copy of a half-precision input stays
@@ -31,6 +34,8 @@ class StatsAccumulator:
         linears: {name: nn.Linear} (names are used in errors and as keys).
         colsq: accumulate squared column norms.
         hessian: accumulate X^T X.
+        weighted_colsq: accumulate squared column norms weighted per token by the inverse
+            energy of the block input (needs `begin_batch` before each batch).
         chunk_tokens: tokens per float32 chunk.
     """
 
@@ -39,11 +44,15 @@ class StatsAccumulator:
         linears: dict[str, nn.Module],
         colsq: bool = True,
         hessian: bool = False,
+        weighted_colsq: bool = False,
         chunk_tokens: int = 8192,
     ):
         self.linears = linears
         self.want_colsq = colsq
         self.want_hessian = hessian
+        self.want_wcolsq = weighted_colsq
+        self._wcolsq: dict[str, torch.Tensor] = {}
+        self._token_weight: torch.Tensor | None = None
         self.chunk_tokens = chunk_tokens
         self._colsq: dict[str, torch.Tensor] = {}
         self._hessian: dict[str, torch.Tensor] = {}
@@ -53,7 +62,7 @@ class StatsAccumulator:
         self._handles = []
 
     def __enter__(self):
-        if self.want_colsq or self.want_hessian:
+        if self.want_colsq or self.want_hessian or self.want_wcolsq:
             for name, module in self.linears.items():
                 self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
         return self
@@ -92,17 +101,37 @@ class StatsAccumulator:
                 self._hessian[name] = torch.zeros(
                     width, width, dtype=torch.float32, device=x.device
                 )
+            if self.want_wcolsq:
+                self._wcolsq[name] = torch.zeros(width, dtype=torch.float64, device=x.device)
+        if self.want_wcolsq and (
+            self._token_weight is None or self._token_weight.numel() != flat.shape[0]
+        ):
+            raise PruneError(f"{name}: weighted statistics need begin_batch with the block input")
+        start = 0
         for chunk in flat.split(self.chunk_tokens):
             c = chunk.float()
+            sq = c * c
             if self.want_colsq:
-                self._colsq[name] += (c * c).sum(dim=0, dtype=torch.float32)
+                self._colsq[name] += sq.sum(dim=0, dtype=torch.float32)
+            if self.want_wcolsq:
+                w = self._token_weight[start : start + c.shape[0]].unsqueeze(1)
+                self._wcolsq[name] += (sq * w).sum(dim=0)
             if self.want_hessian:
                 self._hessian[name].addmm_(c.t(), c)
+            start += c.shape[0]
         self._tokens[name] += flat.shape[0]
+
+    def begin_batch(self, block_input: torch.Tensor) -> None:
+        """Tell the accumulator the block's input for the coming batch ([b, seqlen, dim]):
+        its per-token inverse mean energy weights ``wcolsq``."""
+        if self.want_wcolsq:
+            energy = block_input.float().square().mean(dim=-1).reshape(-1)
+            self._token_weight = 1.0 / (energy + 1e-12)
 
     def end_batch(self) -> None:
         """Drop the reference to the last input (call after each batch's forward)."""
         self._last = None
+        self._token_weight = None
 
     def _owner(self, name: str) -> str:
         owner = self._alias.get(name, name)
@@ -113,6 +142,10 @@ class StatsAccumulator:
     def colsq(self, name: str) -> torch.Tensor:
         """float64 [in]: sum over tokens of the squared input features."""
         return self._colsq[self._owner(name)]
+
+    def wcolsq(self, name: str) -> torch.Tensor:
+        """float64 [in]: sum over tokens of x_j^2 / mean(h^2) (h: the block input)."""
+        return self._wcolsq[self._owner(name)]
 
     def hessian(self, name: str) -> torch.Tensor:
         """float32 [in, in]: sum over tokens of x x^T (shared with same-input layers)."""
