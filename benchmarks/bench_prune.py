@@ -105,8 +105,11 @@ def _calibration(args, model, tokenizer, n, seqlen):
         if root is None:
             raise SystemExit("no --calib-text and no shared data directory (OWL_SPARSE_DATA)")
         spec = root / "wikitext-2-tokenized" / "valid.txt"
+        shown = "$OWL_SPARSE_DATA/wikitext-2-tokenized/valid.txt (WikiText-2 valid, tokenized)"
+    else:
+        shown = str(spec)
     ids = tokenize(tokenizer, load_text(spec))
-    return calibration_batches(ids, n, seqlen, seed=0), f"{n} x {seqlen} from {spec}"
+    return calibration_batches(ids, n, seqlen, seed=0), f"{n} x {seqlen}, seed 0, from {shown}"
 
 
 @torch.no_grad()

@@ -4,14 +4,14 @@ While calibration samples pass through a decoder block, forward pre-hooks on its
 layers accumulate, per layer, only what the configured method needs:
 
 - ``colsq``: float64 [in], the sum over calibration tokens of x_j^2 (Wanda's ||X_j||^2,
-  OWL's outlier scores, the diagonal of X^T X for the sensitivity allocation);
+  OWL's outlier scores);
 - ``hessian``: float32 [in, in], the sum over tokens of x x^T (SparseGPT's H up to the 2/n
   factor, which cancels: its damping is relative to mean(diag H));
 - ``wcolsq``: float64 [in], the sum over tokens t of x_tj^2 / mean(h_t^2), where h_t is the
   block's input (residual stream) at token t, told by `begin_batch` (the sensitivity
   allocation: a perturbation matters relative to the residual stream it is added to).
 
-Both are plain matmul / reduction work in float32 on the device of the inputs, over chunks
+All are plain matmul / reduction work in float32 on the device of the inputs, over chunks
 of at most ``chunk_tokens`` tokens so the float32 copy of a half-precision input stays
 small. Linear layers that receive the *same* input tensor in one forward (q/k/v, gate/up)
 share one entry: detected by object identity while the accumulator holds a reference to
