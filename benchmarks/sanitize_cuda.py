@@ -4,7 +4,8 @@ Meant for ``compute-sanitizer`` (memcheck / racecheck / synccheck / initcheck), 
 slows kernels down by orders of magnitude: the shapes are tiny but cover decode and
 prefill tile configurations, partial row / token / K tiles, forced split-K (the
 cross-block reduction), K % 8 == 4, K % 4 != 0 (bitmap), empty rows, all-zero tiles,
-bias and no bias, fp16 and bf16.  Each result is also checked against an fp64 reference
+bias and no bias, fp16 and bf16, bitmap tiles staged in shared memory and read from
+global memory.  Each result is also checked against an fp64 reference
 (loosely: the GPU tests hold the tight tolerances), so a silent wrong answer fails too.
 
 Usage: ``compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitize_cuda.py``
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 import torch
 
@@ -57,7 +59,12 @@ def run(verbose: bool) -> int:
             mask[n // 3] = False
             if n > 16 and k > 128:
                 mask[16:32, 128:256] = False
-            packs = [("bitmap", BitmapWeight.from_dense(w, mask).to("cuda"), cuda_ext.bitmap_mm)]
+            pb = BitmapWeight.from_dense(w, mask).to("cuda")
+            packs = [
+                ("bitmap", pb, cuda_ext.bitmap_mm),
+                # every tile overflows its (minimal) shared slot: the global-memory path
+                ("bitmap-global", pb, partial(cuda_ext.bitmap_mm, max_tile_values_hint=0)),
+            ]
             if k % 4 == 0:
                 m24 = mask.view(n, k // 4, 4)
                 m24 &= m24.cumsum(-1) <= 2  # keep at most 2 per group

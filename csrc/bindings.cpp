@@ -5,11 +5,15 @@
 // (owl_sparse/cuda_ext.py registers the backends "cuda_mma" and "cuda_sp").
 //
 //   owl_sparse_C::sparse24_mm(x, values_mma, meta_mma, n, k, bias=None, split_k=0) -> y
-//   owl_sparse_C::bitmap_mm(x, bitmap, values, tile_offsets, n, k, bias=None, split_k=0) -> y
-//   owl_sparse_C::plan(kind, t, n, k, split_k) -> [config, block_m, block_n, grid_m,
-//                                                   grid_n, splits, smem_bytes]
+//   owl_sparse_C::bitmap_mm(x, bitmap, values, tile_offsets, n, k, bias=None, split_k=0,
+//                           max_tile_values=-1) -> y
+//   owl_sparse_C::plan(kind, t, n, k, split_k, max_tile_values=-1) -> [config, block_m,
+//                                                   block_n, grid_m, grid_n, splits, smem_bytes]
 //
 // split_k = 0 chooses automatically; > 0 forces that many K splits (tests, benchmarks).
+// max_tile_values: the most values any 16 x 128 tile of the bitmap weight holds (< 0:
+// unknown).  A speed hint only: it sizes the kernel's shared buffers, and a tile that
+// holds more is read from global memory, never truncated.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -17,7 +21,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <string>
 #include <vector>
 
 #include "owl_sparse_kernels.h"
@@ -26,11 +29,9 @@ namespace {
 
 constexpr int64_t kStageK = 128;
 
-std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + "]";
-}
+// Shapes in error messages: at::IntArrayRef prints as "[2, 64]".  (Formatting a
+// std::string built here into TORCH_CHECK crashed inside c10::str on the H100 image.)
+at::IntArrayRef shape_str(const at::Tensor& t) { return t.sizes(); }
 
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
@@ -142,7 +143,8 @@ at::Tensor sparse24_mm(const at::Tensor& x_in, const at::Tensor& values_mma,
 
 at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at::Tensor& values,
                      const at::Tensor& tile_offsets, int64_t n, int64_t k,
-                     const c10::optional<at::Tensor>& bias, int64_t split_k) {
+                     const c10::optional<at::Tensor>& bias, int64_t split_k,
+                     int64_t max_tile_values) {
   const char* op = "owl_sparse_C::bitmap_mm";
   const owl::DType dt = check_x(x_in, n, k, op);
   const int64_t np = (n + 15) / 16 * 16, kp = (k + kStageK - 1) / kStageK * kStageK;
@@ -184,7 +186,7 @@ at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
 
   owl::LaunchPlan plan;
   cudaError_t err = owl::bitmap_plan((int)t, (int)n, (int)k_run, (int)split_k,
-                                     x.device().index(), &plan);
+                                     max_tile_values, x.device().index(), &plan);
   TORCH_CHECK(err == cudaSuccess, op, ": planning failed for x ", shape_str(x_in), ", weight [",
               n, ", ", k, "]: ", cudaGetErrorString(err));
   Workspace ws = make_workspace(plan, x);
@@ -194,6 +196,7 @@ at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
   a.values = v.data_ptr();
   a.tile_offsets = off.data_ptr<int32_t>();
   a.num_values = v.numel();
+  a.max_tile_values = max_tile_values;
   a.bias = b.defined() ? b.data_ptr() : nullptr;
   a.y = y.data_ptr();
   a.partials = ws.partials.defined() ? ws.partials.data_ptr<float>() : nullptr;
@@ -210,7 +213,7 @@ at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
 }
 
 std::vector<int64_t> plan_op(const std::string& kind, int64_t t, int64_t n, int64_t k,
-                             int64_t split_k) {
+                             int64_t split_k, int64_t max_tile_values) {
   int device = 0;
   TORCH_CHECK(cudaGetDevice(&device) == cudaSuccess, "owl_sparse_C::plan: no CUDA device");
   owl::LaunchPlan p;
@@ -218,11 +221,12 @@ std::vector<int64_t> plan_op(const std::string& kind, int64_t t, int64_t n, int6
   if (kind == "sparse24") {
     err = owl::sparse24_plan((int)t, (int)n, (int)k, (int)split_k, device, &p);
   } else if (kind == "bitmap") {
-    err = owl::bitmap_plan((int)t, (int)n, (int)((k + 3) / 4 * 4), (int)split_k, device, &p);
+    err = owl::bitmap_plan((int)t, (int)n, (int)((k + 3) / 4 * 4), (int)split_k,
+                           max_tile_values, device, &p);
   } else {
-    TORCH_CHECK(false, "owl_sparse_C::plan: kind must be 'sparse24' or 'bitmap', got '", kind, "'");
+    TORCH_CHECK(false, "owl_sparse_C::plan: kind must be 'sparse24' or 'bitmap', got '", kind.c_str(), "'");
   }
-  TORCH_CHECK(err == cudaSuccess, "owl_sparse_C::plan(", kind, ", T=", t, ", N=", n, ", K=", k,
+  TORCH_CHECK(err == cudaSuccess, "owl_sparse_C::plan(", kind.c_str(), ", T=", t, ", N=", n, ", K=", k,
               "): ", cudaGetErrorString(err));
   return {p.config, p.block_m, p.block_n, p.grid_m, p.grid_n, p.splits, p.smem_bytes};
 }
@@ -235,7 +239,7 @@ at::Tensor sparse24_mm_meta(const at::Tensor& x, const at::Tensor&, const at::Te
 
 at::Tensor bitmap_mm_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, int64_t n, int64_t,
-                          const c10::optional<at::Tensor>&, int64_t) {
+                          const c10::optional<at::Tensor>&, int64_t, int64_t) {
   return at::empty({x.size(0), n}, x.options());
 }
 
@@ -247,8 +251,9 @@ TORCH_LIBRARY(owl_sparse_C, m) {
       "Tensor? bias=None, int split_k=0) -> Tensor");
   m.def(
       "bitmap_mm(Tensor x, Tensor bitmap, Tensor values, Tensor tile_offsets, int n, int k, "
-      "Tensor? bias=None, int split_k=0) -> Tensor");
-  m.def("plan(str kind, int t, int n, int k, int split_k=0) -> int[]", &plan_op);
+      "Tensor? bias=None, int split_k=0, int max_tile_values=-1) -> Tensor");
+  m.def("plan(str kind, int t, int n, int k, int split_k=0, int max_tile_values=-1) -> int[]",
+        &plan_op);
 }
 
 TORCH_LIBRARY_IMPL(owl_sparse_C, CUDA, m) {

@@ -19,14 +19,49 @@
 // Aimed at 8-512 tokens: the decode cost per weight tile is paid once per token tile,
 // so the prefill configuration uses 128-token tiles.  Split-K fills the grid when the
 // row x token grid is small.
+//
+// Shared memory per row tile's values is sized at run time (`vcap`) from the largest
+// tile of the weight (the caller passes it, cached per packed weight), not for a full
+// 2048-value tile: at 70% sparsity that is ~3x less shared memory per stage, hence more
+// blocks per SM and deeper cp.async rings.  A tile whose values do not fit the slot is
+// never truncated: its values are not staged, and the decode reads them from global
+// memory instead (same bit ranks, slower, always correct).
 #include "mma_common.cuh"
 
 namespace owl {
 namespace {
 
-// Shared buffer of one row tile's values: at most 2048 values plus the up-to-7 values
+// Largest shared buffer of one row tile's values: 2048 values plus the up-to-7 values
 // in front of the first one that the aligned 16-byte granule also brings in.
-constexpr int kValsPerTile = 2048 + 8;
+constexpr int kMaxValsPerTile = 2048 + 8;
+
+// Values a tile's staged granules span, rounded to whole 16-byte granules, for a tile
+// whose values are [off0, off1).
+__host__ __device__ __forceinline__ int64_t staged_halves(int64_t off0, int64_t off1) {
+  return (((off1 + 7) >> 3) - (off0 >> 3)) * 8;
+}
+
+// Per-tile slot size (halves, a multiple of 8) for tiles of at most `max_tile_values`
+// values; < 0 = unknown (full tiles).
+inline int vals_capacity(int64_t max_tile_values) {
+  if (max_tile_values < 0 || max_tile_values >= 2048) return kMaxValsPerTile;
+  const int64_t need = (max_tile_values + 14 + 7) / 8 * 8;  // worst granule alignment
+  return (int)(need < kMaxValsPerTile ? need : kMaxValsPerTile);
+}
+
+// Reads of one tile's packed values, index r from the tile's first granule: from its
+// shared slot, or (a tile too large for the slot) from global memory, bounds-checked.
+struct SmemValues {
+  const uint16_t* vs;
+  __device__ __forceinline__ uint32_t operator()(int r) const { return vs[r]; }
+};
+struct GlobalValues {
+  const uint16_t* base;
+  int64_t left;  // values from base to the end of the array
+  __device__ __forceinline__ uint32_t operator()(int r) const {
+    return r < left ? __ldg(base + r) : 0u;
+  }
+};
 
 struct BitmapParams {
   const uint16_t* x;
@@ -39,6 +74,7 @@ struct BitmapParams {
   int m_tiles;   // Np / 16
   int k_stages;  // Kp / 128 (= tile columns)
   int stages_per_split;
+  int vcap;  // halves per tile slot (multiple of 8, <= kMaxValsPerTile)
   bool vec16;
 };
 
@@ -49,17 +85,22 @@ struct BitmapKernel {
   static constexpr int BM = WM * MT * 16;
   static constexpr int BN = WN * NT * 8;
   static constexpr int kTiles = BM / 16;
-  // Per-stage ring slot: activations, values, bitmap words (all 16-byte multiples).
+  // Per-stage ring slot: activations, values (vcap halves per row tile), bitmap words;
+  // every part a 16-byte multiple (vcap is a multiple of 8).
   static constexpr int kXHalves = BN * kSmemLd;
-  static constexpr int kVHalves = kTiles * kValsPerTile;
   static constexpr int kBWords = BM * 4;
-  static constexpr int kSlotBytes = kXHalves * 2 + kVHalves * 2 + kBWords * 4;
   static constexpr int kABytes = BM * kSmemLd * 2;  // decoded dense tile (single buffer)
-  static constexpr int kRingBytes = STAGES * kSlotBytes;
   static constexpr int kCBytes = BN * (BM + 4) * 4;
-  static constexpr int kMainBytes = kRingBytes + kABytes;
-  static constexpr int kSmemBytes = kMainBytes > kCBytes ? kMainBytes : kCBytes;
-  static_assert(kSlotBytes % 16 == 0, "ring slots must keep 16-byte alignment");
+  static_assert((kXHalves * 2) % 16 == 0, "ring slots must keep 16-byte alignment");
+
+  __host__ __device__ static int slot_bytes(int vcap) {
+    return kXHalves * 2 + kTiles * vcap * 2 + kBWords * 4;
+  }
+  __host__ __device__ static int ring_bytes(int vcap) { return STAGES * slot_bytes(vcap); }
+  __host__ __device__ static int smem_bytes(int vcap) {
+    const int main_bytes = ring_bytes(vcap) + kABytes;
+    return main_bytes > kCBytes ? main_bytes : kCBytes;
+  }
 
   struct Slot {
     uint16_t* xs;
@@ -67,12 +108,12 @@ struct BitmapKernel {
     uint32_t* bs;
   };
 
-  __device__ static Slot slot(uint8_t* smem, int i) {
-    uint8_t* base = smem + i * kSlotBytes;
+  __device__ static Slot slot(uint8_t* smem, int i, int vcap) {
+    uint8_t* base = smem + i * slot_bytes(vcap);
     Slot s;
     s.xs = reinterpret_cast<uint16_t*>(base);
     s.vs = reinterpret_cast<uint16_t*>(base + kXHalves * 2);
-    s.bs = reinterpret_cast<uint32_t*>(base + kXHalves * 2 + kVHalves * 2);
+    s.bs = reinterpret_cast<uint32_t*>(base + kXHalves * 2 + kTiles * vcap * 2);
     return s;
   }
 
@@ -89,18 +130,16 @@ struct BitmapKernel {
     }
     // Values: warp w copies row tiles w, w + kWarps, ...; granule-aligned so that every
     // copy is a 16-byte cp.async; the final granule of the array is clipped (never read
-    // past num_values).
+    // past num_values).  Tiles larger than the slot stay in global memory (decode).
     const int warp = tid >> 5, lane = tid & 31;
     for (int ti = warp; ti < kTiles; ti += kWarps) {
       const int rt = m0 / 16 + ti;
       if (rt >= p.m_tiles) continue;
       const int64_t t = (int64_t)rt * p.k_stages + kt;
       const int64_t off0 = __ldg(p.tile_offsets + t), off1 = __ldg(p.tile_offsets + t + 1);
-      if (off0 < 0 || off1 <= off0) continue;
-      // Clamps keep even corrupt offsets inside the shared buffer and the values array.
-      const int64_t g0 = off0 >> 3;
-      const int64_t g1 = min((off1 + 7) >> 3, g0 + kValsPerTile / 8);
-      uint16_t* dst = sl.vs + ti * kValsPerTile;
+      if (off0 < 0 || off1 <= off0 || staged_halves(off0, off1) > p.vcap) continue;
+      const int64_t g0 = off0 >> 3, g1 = (off1 + 7) >> 3;
+      uint16_t* dst = sl.vs + ti * p.vcap;
       for (int64_t gi = g0 + lane; gi < g1; gi += 32) {
         const int64_t left = p.num_values - gi * 8;
         const int bytes = left >= 8 ? 16 : (left > 0 ? (int)left * 2 : 0);
@@ -111,16 +150,18 @@ struct BitmapKernel {
     load_x_stage<BN, kThreads>(sl.xs, p.x, p.T, p.K, n0, kt * kStageK, p.vec16, tid);
   }
 
-  // 32 columns of one row from one bitmap word: bit j set -> next packed value.
-  __device__ static void expand_word(uint32_t w, int r, const uint16_t* vs, uint16_t* dst) {
+  // 32 columns of one row from one bitmap word: bit j set -> next packed value
+  // (`vals(r)`: a SmemValues or GlobalValues reader).
+  template <typename Vals>
+  __device__ static void expand_word(uint32_t w, int r, const Vals& vals, uint16_t* dst) {
     uint32_t out[16];
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       const uint32_t b0 = (w >> (2 * j)) & 1u;
-      const uint32_t v0 = b0 ? vs[r] : 0u;
+      const uint32_t v0 = b0 ? vals(r) : 0u;
       r += b0;
       const uint32_t b1 = (w >> (2 * j + 1)) & 1u;
-      const uint32_t v1 = b1 ? vs[r] : 0u;
+      const uint32_t v1 = b1 ? vals(r) : 0u;
       r += b1;
       out[j] = v0 | (v1 << 16);
     }
@@ -162,9 +203,16 @@ struct BitmapKernel {
         if (lane >= d) incl += v;
       }
       const int base = (int)(off0 & 7) + incl - mine;
-      const uint16_t* vs = sl.vs + ti * kValsPerTile;
-      expand_word(w0, base, vs, dst);
-      expand_word(w1, base + c0, vs, dst + 32);
+      if (staged_halves(off0, off1) <= p.vcap) {  // warp-uniform
+        const SmemValues vals{sl.vs + ti * p.vcap};
+        expand_word(w0, base, vals, dst);
+        expand_word(w1, base + c0, vals, dst + 32);
+      } else {
+        const int64_t g = off0 & ~int64_t(7);
+        const GlobalValues vals{p.values + g, p.num_values - g};
+        expand_word(w0, base, vals, dst);
+        expand_word(w1, base + c0, vals, dst + 32);
+      }
     }
   }
 
@@ -200,7 +248,7 @@ struct BitmapKernel {
 
   __device__ static void run(const BitmapParams& p) {
     extern __shared__ __align__(16) uint8_t smem[];
-    uint16_t* as = reinterpret_cast<uint16_t*>(smem + kRingBytes);
+    uint16_t* as = reinterpret_cast<uint16_t*>(smem + ring_bytes(p.vcap));
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp % WM, wn = warp / WM;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
@@ -218,16 +266,16 @@ struct BitmapKernel {
 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < nst) load_stage(p, slot(smem, s), m0, n0, st0 + s, tid);
+      if (s < nst) load_stage(p, slot(smem, s, p.vcap), m0, n0, st0 + s, tid);
       cp_async_commit();
     }
     for (int s = 0; s < nst; ++s) {
       cp_async_wait<STAGES - 2>();
       __syncthreads();  // stage s landed; all warps finished stage s - 1 (slot and `as`)
       const int sn = s + STAGES - 1;
-      if (sn < nst) load_stage(p, slot(smem, sn % STAGES), m0, n0, st0 + sn, tid);
+      if (sn < nst) load_stage(p, slot(smem, sn % STAGES, p.vcap), m0, n0, st0 + sn, tid);
       cp_async_commit();
-      const Slot cur = slot(smem, s % STAGES);
+      const Slot cur = slot(smem, s % STAGES, p.vcap);
       decode(p, cur, as, m0, st0 + s, tid);
       __syncthreads();  // decoded tile visible to all warps
       compute(cur.xs, as, wm, wn, lane, acc);
@@ -236,32 +284,36 @@ struct BitmapKernel {
   }
 };
 
+// Decode tiles (MT == 1) ask for 4 resident blocks per SM (<= 128 registers: without it,
+// ptxas chose 80 registers and spilled on sm_80); prefill tiles keep ptxas's choice.
 template <typename T, int WM, int WN, int MT, int NT, int STAGES>
-__global__ void __launch_bounds__(WM* WN * 32) bitmap_kernel(const BitmapParams p) {
+__global__ void __launch_bounds__(WM* WN * 32, MT == 1 ? 4 : 0) bitmap_kernel(const BitmapParams p) {
   BitmapKernel<T, WM, WN, MT, NT, STAGES>::run(p);
 }
 
 // Configuration table (4 warps each).  Up to 32 tokens: each warp owns one m16 tile of a
-// 64-row block and all of the block's tokens.  Beyond: 2 x 2 warps with 2 m16 tiles and
-// 4 or 8 n8 tiles each (64 rows x 64 or 128 tokens), so one decoded tile feeds up to 16
-// MMAs per warp and k16 step.
+// 64-row block and all of the block's tokens; a 4-deep ring keeps three stages of weight
+// bytes in flight (decode is bound by bytes in flight per SM, not by math).  Beyond:
+// 2 x 2 warps with 2 m16 tiles and 4 or 8 n8 tiles each (64 rows x 64 or 128 tokens), so
+// one decoded tile feeds up to 16 MMAs per warp and k16 step; their activation tiles are
+// large, so two stages.
 struct BitmapConfig {
   int wm, wn, mt, nt, stages;
   int max_tokens;
 };
 
 constexpr BitmapConfig kBitmapConfigs[] = {
-    {4, 1, 1, 1, 2, 8},
-    {4, 1, 1, 2, 2, 16},
-    {4, 1, 1, 4, 2, 32},
+    {4, 1, 1, 1, 4, 8},
+    {4, 1, 1, 2, 4, 16},
+    {4, 1, 1, 4, 4, 32},
     {2, 2, 2, 4, 2, 64},
     {2, 2, 2, 8, 2, 1 << 30},
 };
 constexpr int kNumBitmapConfigs = sizeof(kBitmapConfigs) / sizeof(kBitmapConfigs[0]);
 
-int bitmap_smem_bytes(const BitmapConfig& c) {
+int bitmap_smem_bytes(const BitmapConfig& c, int vcap) {
   const int bm = c.wm * c.mt * 16, bn = c.wn * c.nt * 8;
-  const int slot = bn * kSmemLd * 2 + (bm / 16) * kValsPerTile * 2 + bm * 4 * 4;
+  const int slot = bn * kSmemLd * 2 + (bm / 16) * vcap * 2 + bm * 4 * 4;
   const int main_bytes = c.stages * slot + bm * kSmemLd * 2;
   const int cb = bn * (bm + 4) * 4;
   return main_bytes > cb ? main_bytes : cb;
@@ -271,20 +323,23 @@ template <typename T, int WM, int WN, int MT, int NT, int STAGES>
 cudaError_t launch_bitmap(const BitmapParams& p, const LaunchPlan& plan, cudaStream_t stream) {
   using K = BitmapKernel<T, WM, WN, MT, NT, STAGES>;
   auto* fn = &bitmap_kernel<T, WM, WN, MT, NT, STAGES>;
+  const int smem = K::smem_bytes(p.vcap);
+  if (smem != plan.smem_bytes) return cudaErrorInvalidValue;  // plan made for another vcap
+  // The limit is raised once to the largest size (full tiles) this kernel can ask for.
   static std::atomic<unsigned long long> smem_set{0};
-  const cudaError_t err = allow_smem(fn, K::kSmemBytes, smem_set);
+  const cudaError_t err = allow_smem(fn, K::smem_bytes(kMaxValsPerTile), smem_set);
   if (err != cudaSuccess) return err;
   dim3 grid(plan.grid_m, plan.grid_n, plan.splits);
-  fn<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
+  fn<<<grid, K::kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t dispatch_bitmap(const BitmapParams& p, const LaunchPlan& plan, cudaStream_t stream) {
   switch (plan.config) {
-    case 0: return launch_bitmap<T, 4, 1, 1, 1, 2>(p, plan, stream);
-    case 1: return launch_bitmap<T, 4, 1, 1, 2, 2>(p, plan, stream);
-    case 2: return launch_bitmap<T, 4, 1, 1, 4, 2>(p, plan, stream);
+    case 0: return launch_bitmap<T, 4, 1, 1, 1, 4>(p, plan, stream);
+    case 1: return launch_bitmap<T, 4, 1, 1, 2, 4>(p, plan, stream);
+    case 2: return launch_bitmap<T, 4, 1, 1, 4, 4>(p, plan, stream);
     case 3: return launch_bitmap<T, 2, 2, 2, 4, 2>(p, plan, stream);
     case 4: return launch_bitmap<T, 2, 2, 2, 8, 2>(p, plan, stream);
     default: return cudaErrorInvalidValue;
@@ -293,14 +348,16 @@ cudaError_t dispatch_bitmap(const BitmapParams& p, const LaunchPlan& plan, cudaS
 
 }  // namespace
 
-cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int device, LaunchPlan* plan) {
+cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int64_t max_tile_values,
+                        int device, LaunchPlan* plan) {
   if (T <= 0 || N <= 0 || K <= 0 || K % 4 != 0) return cudaErrorInvalidValue;
   DeviceLimits lim;
   cudaError_t err = device_limits(device, &lim);
   if (err != cudaSuccess) return err;
   int ci = 0;
   while (ci + 1 < kNumBitmapConfigs && T > kBitmapConfigs[ci].max_tokens) ++ci;
-  while (ci > 0 && bitmap_smem_bytes(kBitmapConfigs[ci]) > lim.max_smem_optin) --ci;
+  const int vcap = vals_capacity(max_tile_values);
+  while (ci > 0 && bitmap_smem_bytes(kBitmapConfigs[ci], vcap) > lim.max_smem_optin) --ci;
   const BitmapConfig& c = kBitmapConfigs[ci];
   LaunchPlan out;
   out.config = ci;
@@ -308,10 +365,14 @@ cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int device, L
   out.block_n = c.wn * c.nt * 8;
   out.grid_m = (N + out.block_m - 1) / out.block_m;
   out.grid_n = (T + out.block_n - 1) / out.block_n;
-  out.smem_bytes = bitmap_smem_bytes(c);
+  out.smem_bytes = bitmap_smem_bytes(c, vcap);
   const int k_stages = (K + kStageK - 1) / kStageK;
-  // ~60-120 KB of shared memory per block: 1-3 blocks per SM; aim for 2.
-  choose_splits(out.grid_m * out.grid_n, k_stages, requested_splits, lim.num_sms, 2, 4, &out);
+  // As many blocks per SM as shared memory allows (at most 4 of these 4-warp blocks, the
+  // register limit of the prefill tiles), rounded to whole waves.
+  int per_sm = (lim.max_smem_optin + 1024) / (out.smem_bytes + 1024);
+  per_sm = per_sm < 1 ? 1 : (per_sm > 4 ? 4 : per_sm);
+  choose_splits(out.grid_m * out.grid_n, k_stages, requested_splits, lim.num_sms, per_sm, 4,
+                &out, true);
   out.partial_elems = out.splits > 1 ? (int64_t)out.splits * T * N : 0;
   *plan = out;
   return cudaSuccess;
@@ -339,6 +400,7 @@ cudaError_t bitmap_run(const BitmapArgs& a, const LaunchPlan& plan, cudaStream_t
   p.m_tiles = (a.N + 15) / 16;
   p.k_stages = (a.K + kStageK - 1) / kStageK;
   p.stages_per_split = plan.stages_per_split;
+  p.vcap = vals_capacity(a.max_tile_values);
   p.vec16 = (a.K % 8) == 0;
   if (a.dtype == DType::kHalf) return dispatch_bitmap<__half>(p, plan, stream);
   return dispatch_bitmap<__nv_bfloat16>(p, plan, stream);

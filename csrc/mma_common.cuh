@@ -338,7 +338,8 @@ inline cudaError_t device_limits(int device, DeviceLimits* out) {
 
 // Raise a kernel's dynamic shared-memory limit past the 48 KB default, once per device
 // (the attribute belongs to the function in each device's context).  `done` is a
-// per-kernel bit set of devices already configured.
+// per-kernel bit set of devices already configured.  `bytes` is the most this kernel
+// will ever ask for (clipped to the device's opt-in maximum; plans never exceed it).
 template <typename Kernel>
 inline cudaError_t allow_smem(Kernel* fn, int bytes, std::atomic<unsigned long long>& done) {
   if (bytes <= 48 * 1024) return cudaSuccess;
@@ -347,6 +348,10 @@ inline cudaError_t allow_smem(Kernel* fn, int bytes, std::atomic<unsigned long l
   if (err != cudaSuccess) return err;
   const unsigned long long bit = dev < 64 ? (1ull << dev) : 0ull;
   if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return cudaSuccess;
+  DeviceLimits lim;
+  err = device_limits(dev, &lim);
+  if (err != cudaSuccess) return err;
+  if (bytes > lim.max_smem_optin) bytes = lim.max_smem_optin;
   err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_relaxed);
   return err;
@@ -357,14 +362,17 @@ inline cudaError_t allow_smem(Kernel* fn, int bytes, std::atomic<unsigned long l
 // a memory-bound kernel needs several blocks per SM to keep enough loads in flight.
 // Each split keeps at least `min_stages` 128-wide K stages so the fp32 partial traffic
 // stays small next to the weight traffic.
+// `nearest`: round splits to the nearest whole number of waves' worth instead of up (a
+// grid of 1.3 waves leaves most SMs idle for the last 0.3).
 inline void choose_splits(int tiles, int k_stages, int requested, int num_sms,
-                          int blocks_per_sm, int min_stages, LaunchPlan* plan) {
+                          int blocks_per_sm, int min_stages, LaunchPlan* plan,
+                          bool nearest = false) {
   int splits = 1;
   if (requested > 0) {
     splits = requested;
   } else {
     const int target = num_sms * blocks_per_sm;
-    if (tiles < target) splits = (target + tiles - 1) / tiles;
+    if (tiles < target) splits = nearest ? (target + tiles / 2) / tiles : (target + tiles - 1) / tiles;
     int max_by_len = k_stages / (min_stages > 0 ? min_stages : 1);
     if (max_by_len < 1) max_by_len = 1;
     if (splits > max_by_len) splits = max_by_len;

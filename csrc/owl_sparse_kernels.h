@@ -80,6 +80,9 @@ struct BitmapArgs {
   const void* values = nullptr;         // 16-byte aligned
   const int32_t* tile_offsets = nullptr;
   int64_t num_values = 0;               // elements of `values` (never read past)
+  int64_t max_tile_values = -1;         // most values in one 16 x 128 tile; < 0 = unknown
+                                        // (a speed hint: shared slots are sized by it,
+                                        // larger tiles are read from global memory)
   const void* bias = nullptr;
   void* y = nullptr;
   float* partials = nullptr;
@@ -88,8 +91,8 @@ struct BitmapArgs {
   DType dtype = DType::kHalf;
 };
 
-cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int device,
-                        LaunchPlan* plan);
+cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int64_t max_tile_values,
+                        int device, LaunchPlan* plan);
 cudaError_t bitmap_run(const BitmapArgs& args, const LaunchPlan& plan,
                        cudaStream_t stream);
 

@@ -140,30 +140,41 @@ def _require() -> None:
         raise RuntimeError(f"owl-sparse CUDA kernels unavailable: {_state['error']}")
 
 
+# ------------------------------------------------------------ derived, cached tensors
+_DERIVED: dict[tuple, tuple] = {}
+
+
+def _derived(tag: str, tensors: tuple[Tensor, ...], compute, *, may_compute: bool = True):
+    """``compute(*tensors)``, once per (tag, storages): dropped when the tensors are freed,
+    recomputed when they are modified in place.  Returns None on a miss when
+    ``may_compute`` is False (during CUDA graph capture, say)."""
+    storages = [t.untyped_storage() for t in tensors]
+    key = (tag,) + tuple(
+        (id(s), t.storage_offset(), tuple(t.shape), t.dtype, t.device)
+        for s, t in zip(storages, tensors)
+    )
+    versions = tuple(getattr(t, "_version", 0) for t in tensors)
+    entry = _DERIVED.get(key)
+    if entry is not None:
+        refs, vers, value = entry
+        if all(r() is s for r, s in zip(refs, storages)) and vers == versions:
+            return value
+    if not may_compute:
+        return None
+    value = compute(*tensors)
+    refs = tuple(weakref.ref(s, lambda _, k=key: _DERIVED.pop(k, None)) for s in storages)
+    _DERIVED[key] = (refs, versions, value)
+    return value
+
+
 # ---------------------------------------------------------------------------- 2:4
-_MMA_CACHE: dict[tuple, tuple] = {}
-
-
 def mma_tensors(packed) -> tuple[Tensor, Tensor]:
     """(values_mma, meta_mma) of a :class:`Sparse24Weight`, converted once per packed storage.
 
     The conversion (owl_sparse.formats.mma_layout) runs on the packed weight's device; the
     entry is dropped when the packed tensors are freed and rebuilt if they are modified.
     """
-    tensors = (packed.values, packed.meta)
-    storages = [t.untyped_storage() for t in tensors]
-    key = tuple((id(s), t.storage_offset(), tuple(t.shape)) for s, t in zip(storages, tensors))
-    key += (packed.dtype, packed.device)
-    versions = tuple(getattr(t, "_version", 0) for t in tensors)
-    entry = _MMA_CACHE.get(key)
-    if entry is not None:
-        refs, vers, vm, mm = entry
-        if all(r() is s for r, s in zip(refs, storages)) and vers == versions:
-            return vm, mm
-    vm, mm = sparse24_to_mma(packed.values, packed.meta)
-    refs = tuple(weakref.ref(s, lambda _, k=key: _MMA_CACHE.pop(k, None)) for s in storages)
-    _MMA_CACHE[key] = (refs, versions, vm, mm)
-    return vm, mm
+    return _derived("mma", (packed.values, packed.meta), sparse24_to_mma)
 
 
 def sparse24_mm(x2d: Tensor, packed, bias: Tensor | None = None, split_k: int = 0) -> Tensor:
@@ -178,20 +189,64 @@ def sparse24_mm(x2d: Tensor, packed, bias: Tensor | None = None, split_k: int = 
     return torch.ops.owl_sparse_C.sparse24_mm(x2d, vm, mm, packed.N, packed.K, bias, split_k)
 
 
-def bitmap_mm(x2d: Tensor, packed, bias: Tensor | None = None, split_k: int = 0) -> Tensor:
-    """``y [T, N] = x2d [T, K] @ W^T + bias`` with W a BitmapWeight (tensor-core decode kernel)."""
+# ---------------------------------------------------------------------------- bitmap
+def _max_tile_values(tile_offsets: Tensor) -> int:
+    if tile_offsets.numel() < 2:
+        return 0
+    return max(int((tile_offsets[1:] - tile_offsets[:-1]).max()), 0)
+
+
+def max_tile_values(packed) -> int:
+    """The most values one 16 x 128 tile of a :class:`BitmapWeight` holds (cached per
+    packed storage), or -1 while a CUDA graph is being captured and nothing is cached yet
+    (reading it back would synchronize).  The bitmap kernel sizes its shared buffers by
+    it; -1 means full-size buffers (slower, same result)."""
+    off = packed.tile_offsets
+    capturing = off.is_cuda and torch.cuda.is_current_stream_capturing()
+    value = _derived("max_tile_values", (off,), _max_tile_values, may_compute=not capturing)
+    return -1 if value is None else value
+
+
+def bitmap_mm(
+    x2d: Tensor,
+    packed,
+    bias: Tensor | None = None,
+    split_k: int = 0,
+    max_tile_values_hint: int | None = None,
+) -> Tensor:
+    """``y [T, N] = x2d [T, K] @ W^T + bias`` with W a BitmapWeight (tensor-core decode kernel).
+
+    ``max_tile_values_hint``: overrides :func:`max_tile_values` (tests of the kernel's
+    path for tiles larger than its shared buffers; -1 = full-size buffers).
+    """
     _require()
     _check(x2d, packed, bias)
+    hint = max_tile_values(packed) if max_tile_values_hint is None else max_tile_values_hint
     return torch.ops.owl_sparse_C.bitmap_mm(
-        x2d, packed.bitmap, packed.values, packed.tile_offsets, packed.N, packed.K, bias, split_k
+        x2d,
+        packed.bitmap,
+        packed.values,
+        packed.tile_offsets,
+        packed.N,
+        packed.K,
+        bias,
+        split_k,
+        hint,
     )
 
 
-def plan(kind: str, tokens: int, n: int, k: int, split_k: int = 0) -> dict:
-    """The launch plan the kernels would use ("sparse24" or "bitmap") on the current GPU."""
+def plan(
+    kind: str, tokens: int, n: int, k: int, split_k: int = 0, max_tile_values: int = -1
+) -> dict:
+    """The launch plan the kernels would use ("sparse24" or "bitmap") on the current GPU.
+
+    ``max_tile_values``: bitmap only, as returned by :func:`max_tile_values` (-1: unknown).
+    """
     _require()
     keys = ("config", "block_m", "block_n", "grid_m", "grid_n", "splits", "smem_bytes")
-    return dict(zip(keys, torch.ops.owl_sparse_C.plan(kind, tokens, n, k, split_k)))
+    return dict(
+        zip(keys, torch.ops.owl_sparse_C.plan(kind, tokens, n, k, split_k, max_tile_values))
+    )
 
 
 def _check(x2d: Tensor, packed, bias: Tensor | None) -> None:

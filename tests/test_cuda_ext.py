@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from owl_sparse import cuda_ext, dispatch
+from owl_sparse.formats.bitmap import BitmapWeight
 from owl_sparse.formats.mma_layout import sparse24_to_mma
 from owl_sparse.formats.sparse24 import Sparse24Weight
 
@@ -48,7 +49,22 @@ def test_mma_layout_cache_reuses_and_invalidates():
     p.values.mul_(2)  # in-place change: version bump rebuilds the layout
     vm2, _ = cuda_ext.mma_tensors(p)
     assert vm2 is not vm and torch.equal(vm2, sparse24_to_mma(p.values, p.meta)[0])
-    n_before = len(cuda_ext._MMA_CACHE)
+    n_before = len(cuda_ext._DERIVED)
     del p, vm, mm, again, vm2
     gc.collect()
-    assert len(cuda_ext._MMA_CACHE) < n_before  # freed weights drop their entry
+    assert len(cuda_ext._DERIVED) < n_before  # freed weights drop their entry
+
+
+def test_max_tile_values_is_the_largest_tile_and_follows_changes():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 300, generator=g).half()
+    mask = torch.rand(40, 300, generator=g) < 0.3
+    mask[0:16, 0:128] = True  # one full tile: 2048 values
+    p = BitmapWeight.from_dense(w, mask)
+    assert cuda_ext.max_tile_values(p) == 2048
+    mask[0:16, 0:128] = False
+    q = BitmapWeight.from_dense(w, mask)
+    tiles = torch.nn.functional.pad(mask, (0, 84, 0, 8)).view(3, 16, 3, 128).sum((1, 3))
+    assert cuda_ext.max_tile_values(q) == int(tiles.max())
+    q.tile_offsets.zero_()  # in place: recomputed, not served stale
+    assert cuda_ext.max_tile_values(q) == 0

@@ -129,6 +129,32 @@ def test_split_k_paths_agree(ext, dtype, splits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hint", [-1, 0, 100, 700])
+@pytest.mark.parametrize("t", [1, 40, 130])
+def test_bitmap_tiles_larger_than_the_shared_slot(ext, dtype, hint, t):
+    """Tiles with more values than the kernel's shared slot (sized by the hint) are read
+    from global memory: every hint gives the right answer, only the speed differs."""
+    n, k = 100, 520
+    p = make_bitmap(n, k, dtype, seed=hint + t, density=0.35)
+    dense = p.to_dense().clone()
+    # rows 32..47: full tiles (2048 values) next to ~700-value tiles and an empty row
+    full = torch.randn(16, k, dtype=dtype, device="cuda")
+    dense[32:48] = full
+    p = BitmapWeight.from_dense(dense, dense != 0)
+    assert ext.max_tile_values(p) == 2048
+    x = torch.randn(t, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    plan_small = ext.plan("bitmap", t, n, k, 0, hint)
+    plan_full = ext.plan("bitmap", t, n, k, 0, -1)
+    assert plan_small["smem_bytes"] <= plan_full["smem_bytes"]
+    poison(t * n, dtype)
+    y = ext.bitmap_mm(x, p, bias, split_k=2, max_tile_values_hint=hint)
+    check(y, x, p.to_dense(), bias)
+    # same splits, same summation order: bitwise equal to the full-slot run
+    assert torch.equal(y, ext.bitmap_mm(x, p, bias, split_k=2, max_tile_values_hint=-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pattern", ["zero", "full"])
 def test_bitmap_degenerate_patterns(ext, dtype, pattern):
     n, k = 70, 390  # K % 4 != 0 exercises the padded-x path
@@ -184,6 +210,8 @@ def test_errors_name_the_shapes(ext):
     pb = make_bitmap(32, 128, torch.float16, 4)
     with pytest.raises(RuntimeError, match="tile_offsets"):
         torch.ops.owl_sparse_C.bitmap_mm(x, pb.bitmap, pb.values, pb.tile_offsets[:-1], 32, 128)
+    with pytest.raises(RuntimeError, match="kind must be 'sparse24' or 'bitmap', got 'csr'"):
+        torch.ops.owl_sparse_C.plan("csr", 1, 32, 128)
 
 
 def test_unaligned_and_strided_inputs(ext):

@@ -263,6 +263,7 @@ def test_compile_check_sm90(tmp_path):
 
 # ---------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
+@pytest.mark.slow  # ~3 min of Triton compiles on an H100: benchmarks/gpu_diag.sh runs it
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens", [1, 2, 4, 16, 32])
 def test_gpu_every_shipped_config(dtype, tokens):
