@@ -9,7 +9,7 @@
 #   5. compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cuda.py.
 #
 # Steps are skipped once DIAG_BUDGET_S (default 540) seconds have passed; DIAG_STEPS
-# (default "tests prune ncu sanitize") picks steps.  Logs: $OUT/diag.log (and the pruning
+# (default "tests prune ncu sanitize") picks steps; DIAG_PYTEST_MARK (default "gpu") the tests.  Logs: $OUT/diag.log (and the pruning
 # JSON in $OUT/prune-7b.json) when $OUT is set, else /tmp/owl_diag.
 #   run(command="bash benchmarks/gpu_diag.sh", carry=["gpu_data"])
 set -u -o pipefail
@@ -48,7 +48,7 @@ fi
 
 if want tests; then
     for f in $(grep -l "gpu" tests/test_*.py); do
-        run_for 150 $PY -m pytest -m gpu -q -rfE -p no:cacheprovider "$f"
+        run_for 150 $PY -m pytest -m "${DIAG_PYTEST_MARK:-gpu}" -q -rfE -p no:cacheprovider "$f"
         rc=$?
         if ((rc > 1 && rc != 5 && rc != 124)) && command -v cuda-gdb >/dev/null; then
             echo "--- $f crashed (exit $rc): backtrace"

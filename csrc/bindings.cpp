@@ -21,6 +21,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdio>
+#include <type_traits>
 #include <vector>
 
 #include "owl_sparse_kernels.h"
@@ -29,8 +32,46 @@ namespace {
 
 constexpr int64_t kStageK = 128;
 
-// Shapes in error messages: at::IntArrayRef prints as "[2, 64]".  (Formatting a
-// std::string built here into TORCH_CHECK crashed inside c10::str on the H100 image.)
+// Error messages are formatted here with snprintf, never with c10::str / ostringstream:
+// on the H100 image (torch 2.11), the first failed TORCH_CHECK with formatted arguments
+// crashed inside c10::str (segfault in the ostream inserts compiled into this library).
+// TORCH_CHECK then only receives one finished C string.
+class Msg {
+ public:
+  const char* c_str() const { return buf_; }
+  void add(const char* s) { append("%s", s); }
+  template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+  void add(T v) { append("%lld", static_cast<long long>(v)); }
+  void add(at::IntArrayRef a) {
+    append("[");
+    for (size_t i = 0; i < a.size(); ++i) append(i ? ", %lld" : "%lld", static_cast<long long>(a[i]));
+    append("]");
+  }
+  void add(const c10::Device& d) { add(d.str().c_str()); }
+  void add(at::ScalarType t) { add(c10::toString(t)); }
+  template <typename... Args>
+  void add_all(const Args&... args) { (add(args), ...); }
+
+ private:
+  template <typename... Args>
+  void append(const char* fmt, Args... args) {
+    if (len_ >= sizeof(buf_) - 1) return;
+    const int w = std::snprintf(buf_ + len_, sizeof(buf_) - len_, fmt, args...);
+    if (w > 0) len_ = std::min(sizeof(buf_) - 1, len_ + static_cast<size_t>(w));
+  }
+  char buf_[1024] = {0};
+  size_t len_ = 0;
+};
+
+#define OWL_CHECK(cond, ...)                           \
+  do {                                                 \
+    if (!(cond)) {                                     \
+      Msg owl_msg_;                                    \
+      owl_msg_.add_all(__VA_ARGS__);                   \
+      TORCH_CHECK(false, owl_msg_.c_str());            \
+    }                                                  \
+  } while (0)
+
 at::IntArrayRef shape_str(const at::Tensor& t) { return t.sizes(); }
 
 bool aligned16(const at::Tensor& t) {
@@ -44,14 +85,14 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
 }
 
 owl::DType check_x(const at::Tensor& x, int64_t n, int64_t k, const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, K], got ", shape_str(x));
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+  OWL_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  OWL_CHECK(x.dim() == 2, op, ": x must be 2-D [T, K], got ", shape_str(x));
+  OWL_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
               ": x must be float16 or bfloat16, got ", x.scalar_type(), " (fp32 weights use the dense or Triton path)");
-  TORCH_CHECK(n >= 1 && k >= 1, op, ": bad weight shape N=", n, ", K=", k);
-  TORCH_CHECK(x.size(1) == k, op, ": x ", shape_str(x), " does not match the weight [N, K] = [", n,
+  OWL_CHECK(n >= 1 && k >= 1, op, ": bad weight shape N=", n, ", K=", k);
+  OWL_CHECK(x.size(1) == k, op, ": x ", shape_str(x), " does not match the weight [N, K] = [", n,
               ", ", k, "]");
-  TORCH_CHECK(x.size(0) <= INT32_MAX && n * k < (int64_t(1) << 31), op, ": shape too large: x ",
+  OWL_CHECK(x.size(0) <= INT32_MAX && n * k < (int64_t(1) << 31), op, ": shape too large: x ",
               shape_str(x), ", weight [", n, ", ", k, "]");
   return x.scalar_type() == at::kHalf ? owl::DType::kHalf : owl::DType::kBFloat16;
 }
@@ -60,14 +101,14 @@ void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int6
                 const char* op) {
   if (!bias.has_value()) return;
   const at::Tensor& b = *bias;
-  TORCH_CHECK(b.device() == x.device(), op, ": bias is on ", b.device(), ", x on ", x.device());
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == n, op, ": bias must be [", n, "], got ", shape_str(b));
-  TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, ": bias dtype ", b.scalar_type(),
+  OWL_CHECK(b.device() == x.device(), op, ": bias is on ", b.device(), ", x on ", x.device());
+  OWL_CHECK(b.dim() == 1 && b.size(0) == n, op, ": bias must be [", n, "], got ", shape_str(b));
+  OWL_CHECK(b.scalar_type() == x.scalar_type(), op, ": bias dtype ", b.scalar_type(),
               " must match x dtype ", x.scalar_type());
 }
 
 void check_same(const at::Tensor& t, const at::Tensor& x, const char* name, const char* op) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", x on ",
+  OWL_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", x on ",
               x.device());
 }
 
@@ -90,18 +131,18 @@ at::Tensor sparse24_mm(const at::Tensor& x_in, const at::Tensor& values_mma,
                        const c10::optional<at::Tensor>& bias, int64_t split_k) {
   const char* op = "owl_sparse_C::sparse24_mm";
   const owl::DType dt = check_x(x_in, n, k, op);
-  TORCH_CHECK(k % 4 == 0, op, ": 2:4 needs K % 4 == 0, got K=", k);
+  OWL_CHECK(k % 4 == 0, op, ": 2:4 needs K % 4 == 0, got K=", k);
   const int64_t np = (n + 15) / 16 * 16, kp = (k + kStageK - 1) / kStageK * kStageK;
   check_same(values_mma, x_in, "values_mma", op);
   check_same(meta_mma, x_in, "meta_mma", op);
-  TORCH_CHECK(values_mma.scalar_type() == x_in.scalar_type(), op, ": values_mma dtype ",
+  OWL_CHECK(values_mma.scalar_type() == x_in.scalar_type(), op, ": values_mma dtype ",
               values_mma.scalar_type(), " must match x dtype ", x_in.scalar_type());
-  TORCH_CHECK(values_mma.numel() == np * kp / 2, op, ": values_mma ", shape_str(values_mma),
+  OWL_CHECK(values_mma.numel() == np * kp / 2, op, ": values_mma ", shape_str(values_mma),
               " must hold Np*Kp/2 = ", np, "*", kp, "/2 = ", np * kp / 2,
               " elements for weight [", n, ", ", k, "] (use owl_sparse.formats.mma_layout)");
-  TORCH_CHECK(meta_mma.scalar_type() == at::kInt, op, ": meta_mma must be int32, got ",
+  OWL_CHECK(meta_mma.scalar_type() == at::kInt, op, ": meta_mma must be int32, got ",
               meta_mma.scalar_type());
-  TORCH_CHECK(meta_mma.numel() == np / 16 * (kp / kStageK) * 64, op, ": meta_mma ",
+  OWL_CHECK(meta_mma.numel() == np / 16 * (kp / kStageK) * 64, op, ": meta_mma ",
               shape_str(meta_mma), " must be [", np / 16, ", ", kp / kStageK,
               ", 32, 2] for weight [", n, ", ", k, "]");
   check_bias(bias, x_in, n, op);
@@ -119,7 +160,7 @@ at::Tensor sparse24_mm(const at::Tensor& x_in, const at::Tensor& values_mma,
   owl::LaunchPlan plan;
   cudaError_t err = owl::sparse24_plan((int)t, (int)n, (int)k, (int)split_k,
                                        x.device().index(), &plan);
-  TORCH_CHECK(err == cudaSuccess, op, ": planning failed for x ", shape_str(x), ", weight [", n,
+  OWL_CHECK(err == cudaSuccess, op, ": planning failed for x ", shape_str(x), ", weight [", n,
               ", ", k, "]: ", cudaGetErrorString(err));
   Workspace ws = make_workspace(plan, x);
   owl::Sparse24Args a;
@@ -135,7 +176,7 @@ at::Tensor sparse24_mm(const at::Tensor& x_in, const at::Tensor& values_mma,
   a.K = (int)k;
   a.dtype = dt;
   err = owl::sparse24_run(a, plan, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": launch failed for x ", shape_str(x), ", weight [", n,
+  OWL_CHECK(err == cudaSuccess, op, ": launch failed for x ", shape_str(x), ", weight [", n,
               ", ", k, "] (config ", plan.config, ", ", plan.splits, " splits, ", plan.smem_bytes,
               " B shared): ", cudaGetErrorString(err));
   return y;
@@ -152,14 +193,14 @@ at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
   check_same(bitmap, x_in, "bitmap", op);
   check_same(values, x_in, "values", op);
   check_same(tile_offsets, x_in, "tile_offsets", op);
-  TORCH_CHECK(bitmap.scalar_type() == at::kInt && bitmap.dim() == 2 && bitmap.size(0) == np &&
+  OWL_CHECK(bitmap.scalar_type() == at::kInt && bitmap.dim() == 2 && bitmap.size(0) == np &&
                   bitmap.size(1) == kp / 32,
               op, ": bitmap must be int32 [", np, ", ", kp / 32, "] for weight [", n, ", ", k,
               "], got ", bitmap.scalar_type(), " ", shape_str(bitmap));
-  TORCH_CHECK(values.scalar_type() == x_in.scalar_type() && values.dim() == 1, op,
+  OWL_CHECK(values.scalar_type() == x_in.scalar_type() && values.dim() == 1, op,
               ": values must be 1-D ", x_in.scalar_type(), ", got ", values.scalar_type(), " ",
               shape_str(values));
-  TORCH_CHECK(tile_offsets.scalar_type() == at::kInt && tile_offsets.dim() == 1 &&
+  OWL_CHECK(tile_offsets.scalar_type() == at::kInt && tile_offsets.dim() == 1 &&
                   tile_offsets.size(0) == tiles + 1,
               op, ": tile_offsets must be int32 [", tiles + 1, "] for weight [", n, ", ", k,
               "], got ", tile_offsets.scalar_type(), " ", shape_str(tile_offsets));
@@ -187,7 +228,7 @@ at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
   owl::LaunchPlan plan;
   cudaError_t err = owl::bitmap_plan((int)t, (int)n, (int)k_run, (int)split_k,
                                      max_tile_values, x.device().index(), &plan);
-  TORCH_CHECK(err == cudaSuccess, op, ": planning failed for x ", shape_str(x_in), ", weight [",
+  OWL_CHECK(err == cudaSuccess, op, ": planning failed for x ", shape_str(x_in), ", weight [",
               n, ", ", k, "]: ", cudaGetErrorString(err));
   Workspace ws = make_workspace(plan, x);
   owl::BitmapArgs a;
@@ -206,7 +247,7 @@ at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
   a.K = (int)k_run;
   a.dtype = dt;
   err = owl::bitmap_run(a, plan, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": launch failed for x ", shape_str(x_in), ", weight [", n,
+  OWL_CHECK(err == cudaSuccess, op, ": launch failed for x ", shape_str(x_in), ", weight [", n,
               ", ", k, "] (config ", plan.config, ", ", plan.splits, " splits, ", plan.smem_bytes,
               " B shared): ", cudaGetErrorString(err));
   return y;
@@ -215,7 +256,7 @@ at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
 std::vector<int64_t> plan_op(const std::string& kind, int64_t t, int64_t n, int64_t k,
                              int64_t split_k, int64_t max_tile_values) {
   int device = 0;
-  TORCH_CHECK(cudaGetDevice(&device) == cudaSuccess, "owl_sparse_C::plan: no CUDA device");
+  OWL_CHECK(cudaGetDevice(&device) == cudaSuccess, "owl_sparse_C::plan: no CUDA device");
   owl::LaunchPlan p;
   cudaError_t err;
   if (kind == "sparse24") {
@@ -224,9 +265,9 @@ std::vector<int64_t> plan_op(const std::string& kind, int64_t t, int64_t n, int6
     err = owl::bitmap_plan((int)t, (int)n, (int)((k + 3) / 4 * 4), (int)split_k,
                            max_tile_values, device, &p);
   } else {
-    TORCH_CHECK(false, "owl_sparse_C::plan: kind must be 'sparse24' or 'bitmap', got '", kind.c_str(), "'");
+    OWL_CHECK(false, "owl_sparse_C::plan: kind must be 'sparse24' or 'bitmap', got '", kind.c_str(), "'");
   }
-  TORCH_CHECK(err == cudaSuccess, "owl_sparse_C::plan(", kind.c_str(), ", T=", t, ", N=", n, ", K=", k,
+  OWL_CHECK(err == cudaSuccess, "owl_sparse_C::plan(", kind.c_str(), ", T=", t, ", N=", n, ", K=", k,
               "): ", cudaGetErrorString(err));
   return {p.config, p.block_m, p.block_n, p.grid_m, p.grid_n, p.splits, p.smem_bytes};
 }

@@ -24,11 +24,15 @@ Choice, in order (see :func:`choose_backend`)
 
    ``tokens`` is the bucket: the next power of two >= the token count.  Among the entries
    matching (GPU name, fmt, dtype, N, K, bucket) the one with the nearest ``sparsity`` wins.
-   The benchmark writes ``"dense"`` wherever no kernel beats dense, so the table never
-   picks a kernel slower than dense.
-3. default rules for shapes the table does not cover (unmeasured, conservative):
-   bitmap at sparsity >= 0.5 and <= 16 tokens, and 2:4 at <= 16 tokens, use the first
-   available of ``cuda_mma`` / ``cuda_sp`` then ``triton_gemv``; everything else runs dense.
+   A shape the table lacks borrows the entries of the nearest measured shape on the same
+   GPU, fmt, dtype and bucket when N and K are each within 2x of it
+   (``|log2 N/N'| + |log2 K/K'| <= 1``).  The benchmark writes ``"dense"`` wherever no
+   kernel beats dense, so the table never picks a kernel measured slower than dense.
+3. default rules where no measurement is near (unmeasured, conservative): 2:4 at
+   <= 16 tokens uses the first available of ``cuda_sp`` / ``triton_gemv``; bitmap at
+   sparsity >= 0.5 and <= 16 tokens uses ``cuda_mma`` / ``triton_gemv`` only on a GPU with
+   no bitmap measurements at all (where some exist, they showed where the kernels lose,
+   so an unmeasured shape runs dense); everything else runs dense.
 
 The dense cache holds one dense copy per packed weight (keyed on its storages, dropped
 when they are freed).  ``OWL_SPARSE_DENSE_CACHE_MB`` caps it (default: no cap); past the
@@ -43,6 +47,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import weakref
 from collections.abc import Callable
@@ -165,6 +170,8 @@ def _table() -> dict[tuple, list[tuple[float, str, str]]]:
 def reload_tables() -> None:
     """Forget the loaded tables (after writing a new one)."""
     _table.cache_clear()
+    _nearest_key.cache_clear()
+    _has_measurements.cache_clear()
 
 
 def save_table(path: str | os.PathLike, gpu: str, entries: list[dict]) -> Path:
@@ -193,16 +200,39 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@functools.lru_cache(maxsize=4096)
+def _nearest_key(gpu: str, fmt: str, dtype: str, n: int, k: int, bucket: int) -> tuple | None:
+    """The measured (gpu, fmt, dtype, N', K', bucket) key nearest to (n, k), within 2x."""
+    best, best_d = None, 1.0 + 1e-9
+    for key in _table():
+        if key[:3] != (gpu, fmt, dtype) or key[5] != bucket:
+            continue
+        d = abs(math.log2(n / key[3])) + abs(math.log2(k / key[4]))
+        if d <= best_d:
+            best, best_d = key, d
+    return best
+
+
 def table_lookup(
     gpu: str, fmt: str, dtype: torch.dtype, n: int, k: int, tokens: int, sparsity: float
 ) -> tuple[str, str] | None:
-    """(backend, reason) from the measured tables, or None when no entry matches."""
+    """(backend, reason) from the measured tables (the shape itself or the nearest measured
+    shape within 2x in N and K), or None when nothing near was measured."""
     key = (gpu, fmt, _dtype_name(dtype), n, k, token_bucket(tokens))
     rows = _table().get(key)
+    shown = key
     if not rows:
-        return None
+        near_key = _nearest_key(*key)
+        if near_key is None:
+            return None
+        rows, shown = _table()[near_key], f"{near_key} (nearest measured shape to {n}x{k})"
     near, name, why = min(rows, key=lambda r: abs(r[0] - sparsity))
-    return name, f"table {key} at sparsity {near}: {why}"
+    return name, f"table {shown} at sparsity {near}: {why}"
+
+
+@functools.lru_cache(maxsize=64)
+def _has_measurements(gpu: str, fmt: str) -> bool:
+    return any(key[0] == gpu and key[1] == fmt for key in _table())
 
 
 # ---------------------------------------------------------------------------- choice
@@ -225,11 +255,12 @@ def choose_backend_why(fmt: str, x2d: Tensor, packed) -> tuple[str, str]:
     if x2d.device.type != "cuda":
         return "dense", f"no sparse kernels on {x2d.device.type}"
     tokens = x2d.shape[0]
-    hit = table_lookup(
-        _gpu_name(x2d.device), fmt, x2d.dtype, packed.N, packed.K, tokens, packed.sparsity
-    )
+    gpu = _gpu_name(x2d.device)
+    hit = table_lookup(gpu, fmt, x2d.dtype, packed.N, packed.K, tokens, packed.sparsity)
     if hit is not None and hit[0] in regs and _is_available(regs[hit[0]]):
         return hit
+    if fmt == "bitmap" and _has_measurements(gpu, fmt):
+        return "dense", f"default rule: bitmap shape unmeasured on {gpu}, nothing near"
     if tokens <= DEFAULT_MAX_TOKENS and (fmt == "2:4" or packed.sparsity >= DEFAULT_MIN_SPARSITY):
         for name in DEFAULT_ORDER[fmt]:
             if name in regs and _is_available(regs[name]):

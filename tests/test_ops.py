@@ -225,6 +225,14 @@ def test_table_lookup(tmp_path, monkeypatch):
         assert look("FakeGPU", "bitmap", torch.float16, 4096, 4096, 1, 0.52)[0] == "dense"
         assert look("FakeGPU", "bitmap", torch.float16, 4096, 4096, 2, 0.7) is None  # other bucket
         assert look("OtherGPU", "bitmap", torch.float16, 4096, 4096, 1, 0.7) is None
+        # unmeasured shapes borrow the nearest measured one within 2x in N and K
+        name, why = look("FakeGPU", "bitmap", torch.float16, 5120, 4096, 1, 0.7)
+        assert name == "triton_gemv" and "nearest measured shape to 5120x4096" in why
+        assert look("FakeGPU", "bitmap", torch.float16, 2048, 4096, 1, 0.5)[0] == "dense"
+        assert look("FakeGPU", "bitmap", torch.float16, 2048, 2048, 1, 0.7) is None  # 4x away
+        assert look("FakeGPU", "bitmap", torch.float16, 576, 1536, 1, 0.7) is None
+        assert dispatch._has_measurements("FakeGPU", "bitmap")
+        assert not dispatch._has_measurements("FakeGPU", "2:4")
         assert json.loads((tmp_path / "h100.json").read_text())["gpu"] == "FakeGPU"
     finally:
         monkeypatch.delenv("OWL_SPARSE_DISPATCH_TABLES")
