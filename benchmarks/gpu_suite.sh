@@ -62,7 +62,7 @@ step cuda-ext 40 $PY -c "from owl_sparse import cuda_ext; ok = cuda_ext.load(); 
 #    pytest-timeout exists)
 TIMEOUT_ARGS=""
 $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS="--timeout 60"
-step gpu-tests "$(cap 150)" bash -c "$PY -m pytest -m 'gpu and not slow' -q -rfE -p no:cacheprovider $TIMEOUT_ARGS tests 2>&1 | tee $PARTS/gpu_tests.log"
+step gpu-tests "$(cap 150)" bash -c "set -o pipefail; $PY -m pytest -m 'gpu and not slow' -q -rfE -p no:cacheprovider $TIMEOUT_ARGS tests 2>&1 | tee $PARTS/gpu_tests.log"
 
 # 3. benchmarks (each stops starting new work at its own --budget-s)
 LIM=$(cap 150)
