@@ -107,6 +107,8 @@ def _contenders(fmt: str, tokens: int, only: list[str] | None) -> list[str]:
     for name in dispatch.backends(fmt, only_available=True):
         if name == "dense" or ("gemv" in name and tokens > 64):
             continue  # the dense backend is cuBLAS; GEMV kernels are for decode sizes
+        if name == "cuda_gemv" and tokens > 8:
+            continue  # beyond 8 tokens that backend runs cuda_mma (timed on its own)
         names.append(name)
     return [n for n in names if only is None or n in only or n == "cublas"]
 

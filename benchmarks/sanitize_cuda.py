@@ -65,6 +65,11 @@ def run(verbose: bool) -> int:
                 # every tile overflows its (minimal) shared slot: the global-memory path
                 ("bitmap-global", pb, partial(cuda_ext.bitmap_mm, max_tile_values_hint=0)),
             ]
+            if t <= cuda_ext.GEMV_MAX_TOKENS:  # the CUDA-core kernel, both value paths
+                packs += [
+                    ("gemv", pb, cuda_ext.bitmap_gemv),
+                    ("gemv-global", pb, partial(cuda_ext.bitmap_gemv, max_tile_values_hint=0)),
+                ]
             if k % 4 == 0:
                 m24 = mask.view(n, k // 4, 4)
                 m24 &= m24.cumsum(-1) <= 2  # keep at most 2 per group

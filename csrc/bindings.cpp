@@ -7,6 +7,7 @@
 //   owl_sparse_C::sparse24_mm(x, values_mma, meta_mma, n, k, bias=None, split_k=0) -> y
 //   owl_sparse_C::bitmap_mm(x, bitmap, values, tile_offsets, n, k, bias=None, split_k=0,
 //                           max_tile_values=-1) -> y
+//   owl_sparse_C::bitmap_gemv(same arguments as bitmap_mm; x of 1 to 8 tokens) -> y
 //   owl_sparse_C::plan(kind, t, n, k, split_k, max_tile_values=-1) -> [config, block_m,
 //                                                   block_n, grid_m, grid_n, splits, smem_bytes]
 //
@@ -182,11 +183,13 @@ at::Tensor sparse24_mm(const at::Tensor& x_in, const at::Tensor& values_mma,
   return y;
 }
 
-at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at::Tensor& values,
+// bitmap_mm (tensor cores) and bitmap_gemv (CUDA cores, 1-8 tokens): same checks and
+// arguments, different kernel.
+at::Tensor bitmap_op(const at::Tensor& x_in, const at::Tensor& bitmap, const at::Tensor& values,
                      const at::Tensor& tile_offsets, int64_t n, int64_t k,
                      const c10::optional<at::Tensor>& bias, int64_t split_k,
-                     int64_t max_tile_values) {
-  const char* op = "owl_sparse_C::bitmap_mm";
+                     int64_t max_tile_values, bool gemv) {
+  const char* op = gemv ? "owl_sparse_C::bitmap_gemv" : "owl_sparse_C::bitmap_mm";
   const owl::DType dt = check_x(x_in, n, k, op);
   const int64_t np = (n + 15) / 16 * 16, kp = (k + kStageK - 1) / kStageK * kStageK;
   const int64_t tiles = np / 16 * (kp / kStageK);
@@ -205,6 +208,8 @@ at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
               op, ": tile_offsets must be int32 [", tiles + 1, "] for weight [", n, ", ", k,
               "], got ", tile_offsets.scalar_type(), " ", shape_str(tile_offsets));
   check_bias(bias, x_in, n, op);
+  OWL_CHECK(!gemv || x_in.size(0) <= 8, op, ": handles 1 to 8 tokens, got x ", shape_str(x_in),
+            " (use bitmap_mm)");
 
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t t = x_in.size(0);
@@ -226,8 +231,9 @@ at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
   if (bias.has_value()) b = bias->contiguous();
 
   owl::LaunchPlan plan;
-  cudaError_t err = owl::bitmap_plan((int)t, (int)n, (int)k_run, (int)split_k,
-                                     max_tile_values, x.device().index(), &plan);
+  auto* plan_fn = gemv ? &owl::bitmap_gemv_plan : &owl::bitmap_plan;
+  cudaError_t err = plan_fn((int)t, (int)n, (int)k_run, (int)split_k, max_tile_values,
+                            x.device().index(), &plan);
   OWL_CHECK(err == cudaSuccess, op, ": planning failed for x ", shape_str(x_in), ", weight [",
               n, ", ", k, "]: ", cudaGetErrorString(err));
   Workspace ws = make_workspace(plan, x);
@@ -246,11 +252,26 @@ at::Tensor bitmap_mm(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
   a.N = (int)n;
   a.K = (int)k_run;
   a.dtype = dt;
-  err = owl::bitmap_run(a, plan, c10::cuda::getCurrentCUDAStream());
+  err = (gemv ? owl::bitmap_gemv_run : owl::bitmap_run)(a, plan,
+                                                       c10::cuda::getCurrentCUDAStream());
   OWL_CHECK(err == cudaSuccess, op, ": launch failed for x ", shape_str(x_in), ", weight [", n,
               ", ", k, "] (config ", plan.config, ", ", plan.splits, " splits, ", plan.smem_bytes,
               " B shared): ", cudaGetErrorString(err));
   return y;
+}
+
+at::Tensor bitmap_mm(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& values,
+                     const at::Tensor& tile_offsets, int64_t n, int64_t k,
+                     const c10::optional<at::Tensor>& bias, int64_t split_k,
+                     int64_t max_tile_values) {
+  return bitmap_op(x, bitmap, values, tile_offsets, n, k, bias, split_k, max_tile_values, false);
+}
+
+at::Tensor bitmap_gemv(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& values,
+                       const at::Tensor& tile_offsets, int64_t n, int64_t k,
+                       const c10::optional<at::Tensor>& bias, int64_t split_k,
+                       int64_t max_tile_values) {
+  return bitmap_op(x, bitmap, values, tile_offsets, n, k, bias, split_k, max_tile_values, true);
 }
 
 std::vector<int64_t> plan_op(const std::string& kind, int64_t t, int64_t n, int64_t k,
@@ -261,11 +282,12 @@ std::vector<int64_t> plan_op(const std::string& kind, int64_t t, int64_t n, int6
   cudaError_t err;
   if (kind == "sparse24") {
     err = owl::sparse24_plan((int)t, (int)n, (int)k, (int)split_k, device, &p);
-  } else if (kind == "bitmap") {
-    err = owl::bitmap_plan((int)t, (int)n, (int)((k + 3) / 4 * 4), (int)split_k,
-                           max_tile_values, device, &p);
+  } else if (kind == "bitmap" || kind == "bitmap_gemv") {
+    err = (kind == "bitmap" ? owl::bitmap_plan : owl::bitmap_gemv_plan)(
+        (int)t, (int)n, (int)((k + 3) / 4 * 4), (int)split_k, max_tile_values, device, &p);
   } else {
-    OWL_CHECK(false, "owl_sparse_C::plan: kind must be 'sparse24' or 'bitmap', got '", kind.c_str(), "'");
+    OWL_CHECK(false, "owl_sparse_C::plan: kind must be 'sparse24', 'bitmap' or 'bitmap_gemv', got '",
+              kind.c_str(), "'");
   }
   OWL_CHECK(err == cudaSuccess, "owl_sparse_C::plan(", kind.c_str(), ", T=", t, ", N=", n, ", K=", k,
               "): ", cudaGetErrorString(err));
@@ -293,6 +315,9 @@ TORCH_LIBRARY(owl_sparse_C, m) {
   m.def(
       "bitmap_mm(Tensor x, Tensor bitmap, Tensor values, Tensor tile_offsets, int n, int k, "
       "Tensor? bias=None, int split_k=0, int max_tile_values=-1) -> Tensor");
+  m.def(
+      "bitmap_gemv(Tensor x, Tensor bitmap, Tensor values, Tensor tile_offsets, int n, int k, "
+      "Tensor? bias=None, int split_k=0, int max_tile_values=-1) -> Tensor");
   m.def("plan(str kind, int t, int n, int k, int split_k=0, int max_tile_values=-1) -> int[]",
         &plan_op);
 }
@@ -300,11 +325,13 @@ TORCH_LIBRARY(owl_sparse_C, m) {
 TORCH_LIBRARY_IMPL(owl_sparse_C, CUDA, m) {
   m.impl("sparse24_mm", &sparse24_mm);
   m.impl("bitmap_mm", &bitmap_mm);
+  m.impl("bitmap_gemv", &bitmap_gemv);
 }
 
 TORCH_LIBRARY_IMPL(owl_sparse_C, Meta, m) {
   m.impl("sparse24_mm", &sparse24_mm_meta);
   m.impl("bitmap_mm", &bitmap_mm_meta);
+  m.impl("bitmap_gemv", &bitmap_mm_meta);
 }
 
 // Module init for the setup.py build (`import owl_sparse._C` runs the registrations

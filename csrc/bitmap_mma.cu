@@ -26,6 +26,13 @@
 // blocks per SM and deeper cp.async rings.  A tile whose values do not fit the slot is
 // never truncated: its values are not staged, and the decode reads them from global
 // memory instead (same bit ranks, slower, always correct).
+//
+// A second kernel on the same shared-memory ring, `bitmap_gemv_kernel`, serves 1-8 tokens
+// on CUDA cores: no dense tile and no tensor cores.  Each lane walks the set bits of its two
+// bitmap words (__ffs) and multiplies each kept value with the activations of its column,
+// so the work is per kept weight, not per weight position; the two lanes of a row add their
+// sums with one shuffle at the end.  It registers as its own backend ("cuda_gemv"), so the
+// dispatch table picks it only where it was measured faster than the alternatives.
 #include "mma_common.cuh"
 
 namespace owl {
@@ -246,6 +253,96 @@ struct BitmapKernel {
     }
   }
 
+  // ---- CUDA-core path for up to TOK <= BN tokens (bitmap_gemv_kernel) ----------------
+  __host__ __device__ static int gemv_smem_bytes(int vcap) {
+    return ring_bytes(vcap) > kCBytes ? ring_bytes(vcap) : kCBytes;
+  }
+
+  // acc[t] += value * x[t][column] over the set bits of word `w` (32 columns from `xs`).
+  template <int TOK, typename Vals>
+  __device__ static void fma_word(uint32_t w, int r, const Vals& vals, const uint16_t* xs,
+                                  float (&acc)[TOK]) {
+    while (w != 0u) {
+      const int b = __ffs(w) - 1;
+      w &= w - 1u;
+      const float v = Traits<T>::bits_to_float(vals(r++));
+#pragma unroll
+      for (int t = 0; t < TOK; ++t)
+        acc[t] = fmaf(v, Traits<T>::bits_to_float(xs[t * kSmemLd + b]), acc[t]);
+    }
+  }
+
+  template <int TOK>
+  __device__ static void run_gemv(const BitmapParams& p) {
+    static_assert(kTiles == kWarps && TOK <= BN, "one row tile per warp; tokens in the x tile");
+    extern __shared__ __align__(16) uint8_t smem[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int st0 = blockIdx.z * p.stages_per_split;
+    const int st1 = min(p.k_stages, st0 + p.stages_per_split);
+    const int nst = st1 - st0;
+    const int rr = lane >> 1, wc = (lane & 1) * 2;  // this lane: row rr, words wc, wc + 1
+    const int rt = m0 / 16 + warp;                  // this warp's row tile
+    float acc[TOK];
+#pragma unroll
+    for (int t = 0; t < TOK; ++t) acc[t] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < nst) load_stage(p, slot(smem, s, p.vcap), m0, n0, st0 + s, tid);
+      cp_async_commit();
+    }
+    for (int s = 0; s < nst; ++s) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();  // stage s landed; all warps finished stage s - 1
+      const int sn = s + STAGES - 1;
+      if (sn < nst) load_stage(p, slot(smem, sn % STAGES, p.vcap), m0, n0, st0 + sn, tid);
+      cp_async_commit();
+      if (rt >= p.m_tiles) continue;  // warp-uniform: past the last row tile
+      const Slot cur = slot(smem, s % STAGES, p.vcap);
+      const int64_t t = (int64_t)rt * p.k_stages + st0 + s;
+      const int64_t off0 = __ldg(p.tile_offsets + t), off1 = __ldg(p.tile_offsets + t + 1);
+      if (off0 < 0 || off1 <= off0) continue;  // empty tile (warp-uniform)
+      const uint2 ww = *reinterpret_cast<const uint2*>(cur.bs + (warp * 16 + rr) * 4 + wc);
+      const int c0 = __popc(ww.x);
+      const int mine = c0 + __popc(ww.y);
+      int incl = mine;  // inclusive scan over lanes = over the tile's words, row-major
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += v;
+      }
+      const int base = (int)(off0 & 7) + incl - mine;
+      const uint16_t* xs = cur.xs + wc * 32;
+      if (staged_halves(off0, off1) <= p.vcap) {  // warp-uniform
+        const SmemValues vals{cur.vs + warp * p.vcap};
+        fma_word<TOK>(ww.x, base, vals, xs, acc);
+        fma_word<TOK>(ww.y, base + c0, vals, xs + 32, acc);
+      } else {
+        const int64_t g = off0 & ~int64_t(7);
+        const GlobalValues vals{p.values + g, p.num_values - g};
+        fma_word<TOK>(ww.x, base, vals, xs, acc);
+        fma_word<TOK>(ww.y, base + c0, vals, xs + 32, acc);
+      }
+    }
+    // Lanes 2i and 2i + 1 hold the two halves of row i of the warp's tile.
+#pragma unroll
+    for (int t = 0; t < TOK; ++t) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], 1);
+    cp_async_wait<0>();
+    __syncthreads();  // the ring is free: cs reuses it
+    constexpr int LD = BM + 4;
+    float* cs = reinterpret_cast<float*>(smem);
+    for (int i = tid; i < BN * LD; i += kThreads) cs[i] = 0.f;
+    __syncthreads();
+    if ((lane & 1) == 0) {
+#pragma unroll
+      for (int t = 0; t < TOK; ++t) cs[t * LD + warp * 16 + rr] = acc[t];
+    }
+    __syncthreads();
+    epilogue<T, BM, BN, kThreads>(cs, p.ep, m0, n0, blockIdx.z, blockIdx.y * gridDim.x + blockIdx.x,
+                                  tid);
+  }
+
   __device__ static void run(const BitmapParams& p) {
     extern __shared__ __align__(16) uint8_t smem[];
     uint16_t* as = reinterpret_cast<uint16_t*>(smem + ring_bytes(p.vcap));
@@ -289,6 +386,43 @@ struct BitmapKernel {
 template <typename T, int WM, int WN, int MT, int NT, int STAGES>
 __global__ void __launch_bounds__(WM* WN * 32, MT == 1 ? 4 : 0) bitmap_kernel(const BitmapParams p) {
   BitmapKernel<T, WM, WN, MT, NT, STAGES>::run(p);
+}
+
+// The CUDA-core kernel: 64 rows (one row tile per warp) x up to 8 tokens, on the decode
+// configuration's 4-stage ring (no dense tile, so less shared memory).
+using GemvKernel = BitmapKernel<__half, 4, 1, 1, 1, 4>;  // layout only (same for bf16)
+constexpr int kGemvTokens[] = {1, 2, 4, 8};
+constexpr int kNumGemvConfigs = sizeof(kGemvTokens) / sizeof(kGemvTokens[0]);
+
+constexpr int kGemvBlocksPerSm = 6;  // <= 85 registers (ptxas: 56-72)
+
+template <typename T, int TOK>
+__global__ void __launch_bounds__(128, kGemvBlocksPerSm) bitmap_gemv_kernel(const BitmapParams p) {
+  BitmapKernel<T, 4, 1, 1, 1, 4>::template run_gemv<TOK>(p);
+}
+
+template <typename T, int TOK>
+cudaError_t launch_gemv(const BitmapParams& p, const LaunchPlan& plan, cudaStream_t stream) {
+  auto* fn = &bitmap_gemv_kernel<T, TOK>;
+  const int smem = GemvKernel::gemv_smem_bytes(p.vcap);
+  if (smem != plan.smem_bytes) return cudaErrorInvalidValue;  // plan made for another vcap
+  static std::atomic<unsigned long long> smem_set{0};
+  const cudaError_t err = allow_smem(fn, GemvKernel::gemv_smem_bytes(kMaxValsPerTile), smem_set);
+  if (err != cudaSuccess) return err;
+  dim3 grid(plan.grid_m, plan.grid_n, plan.splits);
+  fn<<<grid, GemvKernel::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_gemv(const BitmapParams& p, const LaunchPlan& plan, cudaStream_t stream) {
+  switch (plan.config) {
+    case 0: return launch_gemv<T, 1>(p, plan, stream);
+    case 1: return launch_gemv<T, 2>(p, plan, stream);
+    case 2: return launch_gemv<T, 4>(p, plan, stream);
+    case 3: return launch_gemv<T, 8>(p, plan, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 // Configuration table (4 warps each).  Up to 32 tokens: each warp owns one m16 tile of a
@@ -348,39 +482,25 @@ cudaError_t dispatch_bitmap(const BitmapParams& p, const LaunchPlan& plan, cudaS
 
 }  // namespace
 
-cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int64_t max_tile_values,
-                        int device, LaunchPlan* plan) {
-  if (T <= 0 || N <= 0 || K <= 0 || K % 4 != 0) return cudaErrorInvalidValue;
-  DeviceLimits lim;
-  cudaError_t err = device_limits(device, &lim);
-  if (err != cudaSuccess) return err;
-  int ci = 0;
-  while (ci + 1 < kNumBitmapConfigs && T > kBitmapConfigs[ci].max_tokens) ++ci;
-  const int vcap = vals_capacity(max_tile_values);
-  while (ci > 0 && bitmap_smem_bytes(kBitmapConfigs[ci], vcap) > lim.max_smem_optin) --ci;
-  const BitmapConfig& c = kBitmapConfigs[ci];
-  LaunchPlan out;
-  out.config = ci;
-  out.block_m = c.wm * c.mt * 16;
-  out.block_n = c.wn * c.nt * 8;
-  out.grid_m = (N + out.block_m - 1) / out.block_m;
-  out.grid_n = (T + out.block_n - 1) / out.block_n;
-  out.smem_bytes = bitmap_smem_bytes(c, vcap);
+namespace {
+
+// Grid, shared memory and split-K of a plan whose config, block_m and block_n are set:
+// as many blocks per SM as shared memory allows (at most `max_per_sm`, the kernel's
+// register limit from its __launch_bounds__), rounded to whole waves.
+void finish_plan(int T, int N, int K, int requested_splits, int smem_bytes, int max_per_sm,
+                 const DeviceLimits& lim, LaunchPlan* out) {
+  out->grid_m = (N + out->block_m - 1) / out->block_m;
+  out->grid_n = (T + out->block_n - 1) / out->block_n;
+  out->smem_bytes = smem_bytes;
   const int k_stages = (K + kStageK - 1) / kStageK;
-  // As many blocks per SM as shared memory allows (at most 4 of these 4-warp blocks, the
-  // register limit of the prefill tiles), rounded to whole waves.
-  int per_sm = (lim.max_smem_optin + 1024) / (out.smem_bytes + 1024);
-  per_sm = per_sm < 1 ? 1 : (per_sm > 4 ? 4 : per_sm);
-  choose_splits(out.grid_m * out.grid_n, k_stages, requested_splits, lim.num_sms, per_sm, 4,
-                &out, true);
-  out.partial_elems = out.splits > 1 ? (int64_t)out.splits * T * N : 0;
-  *plan = out;
-  return cudaSuccess;
+  int per_sm = (lim.max_smem_optin + 1024) / (smem_bytes + 1024);
+  per_sm = per_sm < 1 ? 1 : (per_sm > max_per_sm ? max_per_sm : per_sm);
+  choose_splits(out->grid_m * out->grid_n, k_stages, requested_splits, lim.num_sms, per_sm, 4,
+                out, true);
+  out->partial_elems = out->splits > 1 ? (int64_t)out->splits * T * N : 0;
 }
 
-cudaError_t bitmap_run(const BitmapArgs& a, const LaunchPlan& plan, cudaStream_t stream) {
-  if (plan.splits > 1 && (a.partials == nullptr || a.counters == nullptr))
-    return cudaErrorInvalidValue;
+BitmapParams make_params(const BitmapArgs& a, const LaunchPlan& plan) {
   BitmapParams p;
   p.x = static_cast<const uint16_t*>(a.x);
   p.bitmap = reinterpret_cast<const uint32_t*>(a.bitmap);
@@ -402,8 +522,67 @@ cudaError_t bitmap_run(const BitmapArgs& a, const LaunchPlan& plan, cudaStream_t
   p.stages_per_split = plan.stages_per_split;
   p.vcap = vals_capacity(a.max_tile_values);
   p.vec16 = (a.K % 8) == 0;
+  return p;
+}
+
+}  // namespace
+
+cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int64_t max_tile_values,
+                        int device, LaunchPlan* plan) {
+  if (T <= 0 || N <= 0 || K <= 0 || K % 4 != 0) return cudaErrorInvalidValue;
+  DeviceLimits lim;
+  cudaError_t err = device_limits(device, &lim);
+  if (err != cudaSuccess) return err;
+  int ci = 0;
+  while (ci + 1 < kNumBitmapConfigs && T > kBitmapConfigs[ci].max_tokens) ++ci;
+  const int vcap = vals_capacity(max_tile_values);
+  while (ci > 0 && bitmap_smem_bytes(kBitmapConfigs[ci], vcap) > lim.max_smem_optin) --ci;
+  const BitmapConfig& c = kBitmapConfigs[ci];
+  LaunchPlan out;
+  out.config = ci;
+  out.block_m = c.wm * c.mt * 16;
+  out.block_n = c.wn * c.nt * 8;
+  finish_plan(T, N, K, requested_splits, bitmap_smem_bytes(c, vcap), 4, lim, &out);
+  *plan = out;
+  return cudaSuccess;
+}
+
+cudaError_t bitmap_run(const BitmapArgs& a, const LaunchPlan& plan, cudaStream_t stream) {
+  if (plan.splits > 1 && (a.partials == nullptr || a.counters == nullptr))
+    return cudaErrorInvalidValue;
+  const BitmapParams p = make_params(a, plan);
   if (a.dtype == DType::kHalf) return dispatch_bitmap<__half>(p, plan, stream);
   return dispatch_bitmap<__nv_bfloat16>(p, plan, stream);
+}
+
+cudaError_t bitmap_gemv_plan(int T, int N, int K, int requested_splits, int64_t max_tile_values,
+                             int device, LaunchPlan* plan) {
+  if (T <= 0 || T > kGemvTokens[kNumGemvConfigs - 1] || N <= 0 || K <= 0 || K % 4 != 0)
+    return cudaErrorInvalidValue;
+  DeviceLimits lim;
+  cudaError_t err = device_limits(device, &lim);
+  if (err != cudaSuccess) return err;
+  int ci = 0;
+  while (T > kGemvTokens[ci]) ++ci;
+  LaunchPlan out;
+  out.config = ci;
+  out.block_m = GemvKernel::BM;
+  out.block_n = GemvKernel::BN;
+  finish_plan(T, N, K, requested_splits,
+              GemvKernel::gemv_smem_bytes(vals_capacity(max_tile_values)), kGemvBlocksPerSm, lim,
+              &out);
+  *plan = out;
+  return cudaSuccess;
+}
+
+cudaError_t bitmap_gemv_run(const BitmapArgs& a, const LaunchPlan& plan, cudaStream_t stream) {
+  if (plan.splits > 1 && (a.partials == nullptr || a.counters == nullptr))
+    return cudaErrorInvalidValue;
+  if (a.T > kGemvTokens[plan.config < kNumGemvConfigs ? plan.config : 0])
+    return cudaErrorInvalidValue;
+  const BitmapParams p = make_params(a, plan);
+  if (a.dtype == DType::kHalf) return dispatch_gemv<__half>(p, plan, stream);
+  return dispatch_gemv<__nv_bfloat16>(p, plan, stream);
 }
 
 }  // namespace owl

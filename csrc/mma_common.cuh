@@ -40,16 +40,21 @@ constexpr int kSmemLd = kStageK + kRowPad;
 template <typename T>
 struct Traits;
 
+// bits_to_float: a raw 16-bit pattern (low half of `bits`) as float.
 template <>
 struct Traits<__half> {
   __device__ static float to_float(__half v) { return __half2float(v); }
   __device__ static __half from_float(float v) { return __float2half_rn(v); }
+  __device__ static float bits_to_float(uint32_t bits) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  }
 };
 
 template <>
 struct Traits<__nv_bfloat16> {
   __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  __device__ static float bits_to_float(uint32_t bits) { return __uint_as_float(bits << 16); }
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

@@ -96,4 +96,10 @@ cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int64_t max_t
 cudaError_t bitmap_run(const BitmapArgs& args, const LaunchPlan& plan,
                        cudaStream_t stream);
 
+// The CUDA-core kernel for 1-8 tokens (same arguments; T > 8 is cudaErrorInvalidValue).
+cudaError_t bitmap_gemv_plan(int T, int N, int K, int requested_splits, int64_t max_tile_values,
+                             int device, LaunchPlan* plan);
+cudaError_t bitmap_gemv_run(const BitmapArgs& args, const LaunchPlan& plan,
+                            cudaStream_t stream);
+
 }  // namespace owl

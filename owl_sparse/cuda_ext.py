@@ -1,7 +1,9 @@
 """The CUDA extension (csrc/): loading, and its backends for the dispatch table.
 
-Kernels: ``cuda_sp`` (2:4 on sparse tensor cores, ``mma.sp`` m16n8k32) and ``cuda_mma``
-(bitmap tiles decoded in shared memory, ``mma.sync`` m16n8k16); fp16 / bf16, sm_80+.
+Kernels: ``cuda_sp`` (2:4 on sparse tensor cores, ``mma.sp`` m16n8k32), ``cuda_mma``
+(bitmap tiles decoded in shared memory, ``mma.sync`` m16n8k16) and ``cuda_gemv`` (bitmap on
+CUDA cores for 1-8 tokens, work per kept weight; more tokens go to ``cuda_mma``); fp16 /
+bf16, sm_80+.
 
 Loading, on first use (never at import, so ``import owl_sparse`` stays cheap):
 
@@ -235,10 +237,42 @@ def bitmap_mm(
     )
 
 
+GEMV_MAX_TOKENS = 8
+
+
+def bitmap_gemv(
+    x2d: Tensor,
+    packed,
+    bias: Tensor | None = None,
+    split_k: int = 0,
+    max_tile_values_hint: int | None = None,
+) -> Tensor:
+    """:func:`bitmap_mm` on CUDA cores for ``x2d`` of 1 to 8 tokens (per kept weight: no
+    dense tile, no tensor cores).  Same arguments; more than 8 tokens is an InputError."""
+    _require()
+    _check(x2d, packed, bias)
+    if x2d.shape[0] > GEMV_MAX_TOKENS:
+        raise InputError(
+            f"bitmap_gemv handles 1 to {GEMV_MAX_TOKENS} tokens, got {x2d.shape[0]} (use bitmap_mm)"
+        )
+    hint = max_tile_values(packed) if max_tile_values_hint is None else max_tile_values_hint
+    return torch.ops.owl_sparse_C.bitmap_gemv(
+        x2d,
+        packed.bitmap,
+        packed.values,
+        packed.tile_offsets,
+        packed.N,
+        packed.K,
+        bias,
+        split_k,
+        hint,
+    )
+
+
 def plan(
     kind: str, tokens: int, n: int, k: int, split_k: int = 0, max_tile_values: int = -1
 ) -> dict:
-    """The launch plan the kernels would use ("sparse24" or "bitmap") on the current GPU.
+    """The launch plan a kernel would use ("sparse24", "bitmap" or "bitmap_gemv") here.
 
     ``max_tile_values``: bitmap only, as returned by :func:`max_tile_values` (-1: unknown).
     """
@@ -289,6 +323,15 @@ def _bitmap_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
     return bitmap_mm(x2d, packed, bias)
 
 
+def _bitmap_gemv_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
+    """``cuda_gemv`` up to 8 tokens; beyond, the tensor-core kernel (``cuda_mma``)."""
+    if x2d.dtype not in KERNEL_DTYPES:
+        return _fallback("cuda_gemv", x2d, packed, bias)
+    if x2d.shape[0] > GEMV_MAX_TOKENS:
+        return bitmap_mm(x2d, packed, bias)
+    return bitmap_gemv(x2d, packed, bias)
+
+
 def _register() -> None:
     try:
         from . import dispatch
@@ -296,6 +339,7 @@ def _register() -> None:
         return
     dispatch.register_backend("2:4", "cuda_sp", _sparse24_backend, available)
     dispatch.register_backend("bitmap", "cuda_mma", _bitmap_backend, available)
+    dispatch.register_backend("bitmap", "cuda_gemv", _bitmap_gemv_backend, available)
 
 
 _register()

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from owl_sparse.errors import InputError
 from owl_sparse.formats.bitmap import BitmapWeight
 from owl_sparse.formats.sparse24 import Sparse24Weight
 
@@ -129,6 +130,44 @@ def test_split_k_paths_agree(ext, dtype, splits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 8])
+def test_bitmap_gemv_matches_reference(ext, dtype, n, k, t):
+    """The CUDA-core bitmap kernel (1-8 tokens) against fp64."""
+    p = make_bitmap(n, k, dtype, seed=7 * n + k + t)
+    x = torch.randn(t, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype) if t % 2 else None
+    poison(t * n, dtype)
+    check(ext.bitmap_gemv(x, p, bias), x, p.to_dense(), bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("hint", [-1, 0, 700])
+@pytest.mark.parametrize("pattern", ["random", "zero", "full"])
+def test_bitmap_gemv_paths(ext, dtype, splits, hint, pattern):
+    """Split-K, values staged in shared memory or read from global memory, degenerate masks;
+    more than 8 tokens is refused with a clear error; the backend hands those to cuda_mma."""
+    n, k, t = 300, 1420, 4  # K % 8 == 4, partial row block, partial last stage
+    p = make_bitmap(n, k, dtype, seed=splits + hint, density=0.4, pattern=pattern)
+    x = torch.randn(t, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    poison(t * n, dtype)
+    y = ext.bitmap_gemv(x, p, bias, split_k=splits, max_tile_values_hint=hint)
+    check(y, x, p.to_dense(), bias)
+    assert torch.equal(y, ext.bitmap_gemv(x, p, bias, split_k=splits, max_tile_values_hint=hint))
+    x9 = torch.randn(9, k, device="cuda", dtype=dtype)
+    with pytest.raises(InputError, match="1 to 8 tokens"):
+        ext.bitmap_gemv(x9, p)
+    with pytest.raises(RuntimeError, match="handles 1 to 8 tokens"):
+        torch.ops.owl_sparse_C.bitmap_gemv(x9, p.bitmap, p.values, p.tile_offsets, n, k)
+    from owl_sparse import dispatch, ops
+
+    with dispatch.force_backend("bitmap", "cuda_gemv"):
+        check(ops.linear(x9, p, bias), x9, p.to_dense(), bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hint", [-1, 0, 100, 700])
 @pytest.mark.parametrize("t", [1, 40, 130])
 def test_bitmap_tiles_larger_than_the_shared_slot(ext, dtype, hint, t):
@@ -210,7 +249,9 @@ def test_errors_name_the_shapes(ext):
     pb = make_bitmap(32, 128, torch.float16, 4)
     with pytest.raises(RuntimeError, match="tile_offsets"):
         torch.ops.owl_sparse_C.bitmap_mm(x, pb.bitmap, pb.values, pb.tile_offsets[:-1], 32, 128)
-    with pytest.raises(RuntimeError, match="kind must be 'sparse24' or 'bitmap', got 'csr'"):
+    with pytest.raises(
+        RuntimeError, match="kind must be 'sparse24', 'bitmap' or 'bitmap_gemv', got 'csr'"
+    ):
         torch.ops.owl_sparse_C.plan("csr", 1, 32, 128)
 
 
@@ -226,6 +267,7 @@ def test_dispatch_runs_the_cuda_backends(ext):
 
     assert "cuda_sp" in dispatch.backends("2:4", only_available=True)
     assert "cuda_mma" in dispatch.backends("bitmap", only_available=True)
+    assert "cuda_gemv" in dispatch.backends("bitmap", only_available=True)
     p24 = make_24(96, 256, torch.bfloat16, 6)
     pbm = make_bitmap(96, 256, torch.bfloat16, 6)
     x = torch.randn(2, 3, 256, device="cuda", dtype=torch.bfloat16)
