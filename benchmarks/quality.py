@@ -194,7 +194,19 @@ def render(done: dict) -> str:
             for lv in LEVELS:
                 u, o = res.get(f"{m}-uniform-{lv}"), res.get(f"{m}-{alloc}-{lv}")
                 if u and o and all(math.isfinite(r["perplexity"]) for r in (u, o)):
-                    verdict = "helps" if o["perplexity"] < u["perplexity"] else "does not help"
+                    if o["perplexity"] == u["perplexity"]:
+                        # N:M keeps M: a spread of +-lambda around 50% moves no block's N
+                        why = (
+                            f" (with M = {lv.split(':')[1]}, 50% +- lambda rounds to the same "
+                            "N in every block)"
+                            if ":" in lv
+                            else ""
+                        )
+                        verdict = f"changes nothing{why}"
+                    elif o["perplexity"] < u["perplexity"]:
+                        verdict = "helps"
+                    else:
+                        verdict = "does not help"
                     lines.append(
                         f"- {m} at {lv}: {alloc} {verdict} ({o['perplexity']:.2f} vs "
                         f"{u['perplexity']:.2f} uniform)"
