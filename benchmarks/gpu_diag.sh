@@ -4,7 +4,8 @@
 #   1. build owl_sparse._C for this GPU (skip: SKIP_BUILD=1),
 #   2. every test file's GPU tests in its own pytest process (a crash stops one file, not
 #      all), with a cuda-gdb backtrace of each file that crashed,
-#   3. the LLaMA-2-7B-shape pruning benchmark (OWL + Wanda, 128 x 2048 calibration),
+#   3. the LLaMA-2-7B-shape pruning benchmark (128 x 2048 calibration; DIAG_PRUNE_METHODS,
+#      default owl+wanda, e.g. owl+sparsegpt with DIAG_PRUNE_LIMIT_S=500),
 #   4. Nsight Compute sections of the CUDA kernels on a LLaMA-2-7B MLP shape,
 #   5. compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cuda.py.
 #
@@ -59,8 +60,8 @@ if want tests; then
 fi
 
 if want prune; then
-    run_for 200 $PY -m benchmarks.bench_prune --llama7b-shape --device cuda --methods owl+wanda \
-        --json-out "$OUTDIR/prune-7b.json"
+    run_for "${DIAG_PRUNE_LIMIT_S:-200}" $PY -m benchmarks.bench_prune --llama7b-shape --device cuda \
+        --methods "${DIAG_PRUNE_METHODS:-owl+wanda}" --json-out "$OUTDIR/prune-7b.json"
 fi
 
 if want ncu && command -v ncu >/dev/null; then
