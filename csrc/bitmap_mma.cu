@@ -388,6 +388,21 @@ __global__ void __launch_bounds__(WM* WN * 32, MT == 1 ? 4 : 0) bitmap_kernel(co
   BitmapKernel<T, WM, WN, MT, NT, STAGES>::run(p);
 }
 
+// Launch `fn` on the plan's grid with `smem` bytes of dynamic shared memory (the plan must
+// have been made for the same value-slot size); the kernel's limit is raised once to
+// `max_smem`, the most any plan asks of it (full-size slots).
+template <typename Kernel>
+cudaError_t launch_planned(Kernel* fn, int threads, int smem, int max_smem,
+                           std::atomic<unsigned long long>& smem_set, const BitmapParams& p,
+                           const LaunchPlan& plan, cudaStream_t stream) {
+  if (smem != plan.smem_bytes) return cudaErrorInvalidValue;  // plan made for another vcap
+  const cudaError_t err = allow_smem(fn, max_smem, smem_set);
+  if (err != cudaSuccess) return err;
+  dim3 grid(plan.grid_m, plan.grid_n, plan.splits);
+  fn<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 // The CUDA-core kernel: 64 rows (one row tile per warp) x up to 8 tokens, on the decode
 // configuration's 4-stage ring (no dense tile, so less shared memory).
 using GemvKernel = BitmapKernel<__half, 4, 1, 1, 1, 4>;  // layout only (same for bf16)
@@ -403,15 +418,10 @@ __global__ void __launch_bounds__(128, kGemvBlocksPerSm) bitmap_gemv_kernel(cons
 
 template <typename T, int TOK>
 cudaError_t launch_gemv(const BitmapParams& p, const LaunchPlan& plan, cudaStream_t stream) {
-  auto* fn = &bitmap_gemv_kernel<T, TOK>;
-  const int smem = GemvKernel::gemv_smem_bytes(p.vcap);
-  if (smem != plan.smem_bytes) return cudaErrorInvalidValue;  // plan made for another vcap
   static std::atomic<unsigned long long> smem_set{0};
-  const cudaError_t err = allow_smem(fn, GemvKernel::gemv_smem_bytes(kMaxValsPerTile), smem_set);
-  if (err != cudaSuccess) return err;
-  dim3 grid(plan.grid_m, plan.grid_n, plan.splits);
-  fn<<<grid, GemvKernel::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_planned(&bitmap_gemv_kernel<T, TOK>, GemvKernel::kThreads,
+                        GemvKernel::gemv_smem_bytes(p.vcap),
+                        GemvKernel::gemv_smem_bytes(kMaxValsPerTile), smem_set, p, plan, stream);
 }
 
 template <typename T>
@@ -456,16 +466,10 @@ int bitmap_smem_bytes(const BitmapConfig& c, int vcap) {
 template <typename T, int WM, int WN, int MT, int NT, int STAGES>
 cudaError_t launch_bitmap(const BitmapParams& p, const LaunchPlan& plan, cudaStream_t stream) {
   using K = BitmapKernel<T, WM, WN, MT, NT, STAGES>;
-  auto* fn = &bitmap_kernel<T, WM, WN, MT, NT, STAGES>;
-  const int smem = K::smem_bytes(p.vcap);
-  if (smem != plan.smem_bytes) return cudaErrorInvalidValue;  // plan made for another vcap
-  // The limit is raised once to the largest size (full tiles) this kernel can ask for.
   static std::atomic<unsigned long long> smem_set{0};
-  const cudaError_t err = allow_smem(fn, K::smem_bytes(kMaxValsPerTile), smem_set);
-  if (err != cudaSuccess) return err;
-  dim3 grid(plan.grid_m, plan.grid_n, plan.splits);
-  fn<<<grid, K::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_planned(&bitmap_kernel<T, WM, WN, MT, NT, STAGES>, K::kThreads,
+                        K::smem_bytes(p.vcap), K::smem_bytes(kMaxValsPerTile), smem_set, p, plan,
+                        stream);
 }
 
 template <typename T>

@@ -209,6 +209,24 @@ def max_tile_values(packed) -> int:
     return -1 if value is None else value
 
 
+def _bitmap_op(name: str, x2d: Tensor, packed, bias, split_k: int, hint: int | None) -> Tensor:
+    """Run the extension op ``owl_sparse_C.<name>`` (bitmap_mm or bitmap_gemv)."""
+    _require()
+    _check(x2d, packed, bias)
+    hint = max_tile_values(packed) if hint is None else hint
+    return getattr(torch.ops.owl_sparse_C, name)(
+        x2d,
+        packed.bitmap,
+        packed.values,
+        packed.tile_offsets,
+        packed.N,
+        packed.K,
+        bias,
+        split_k,
+        hint,
+    )
+
+
 def bitmap_mm(
     x2d: Tensor,
     packed,
@@ -221,20 +239,7 @@ def bitmap_mm(
     ``max_tile_values_hint``: overrides :func:`max_tile_values` (tests of the kernel's
     path for tiles larger than its shared buffers; -1 = full-size buffers).
     """
-    _require()
-    _check(x2d, packed, bias)
-    hint = max_tile_values(packed) if max_tile_values_hint is None else max_tile_values_hint
-    return torch.ops.owl_sparse_C.bitmap_mm(
-        x2d,
-        packed.bitmap,
-        packed.values,
-        packed.tile_offsets,
-        packed.N,
-        packed.K,
-        bias,
-        split_k,
-        hint,
-    )
+    return _bitmap_op("bitmap_mm", x2d, packed, bias, split_k, max_tile_values_hint)
 
 
 GEMV_MAX_TOKENS = 8
@@ -249,24 +254,11 @@ def bitmap_gemv(
 ) -> Tensor:
     """:func:`bitmap_mm` on CUDA cores for ``x2d`` of 1 to 8 tokens (per kept weight: no
     dense tile, no tensor cores).  Same arguments; more than 8 tokens is an InputError."""
-    _require()
-    _check(x2d, packed, bias)
-    if x2d.shape[0] > GEMV_MAX_TOKENS:
+    if x2d.dim() == 2 and x2d.shape[0] > GEMV_MAX_TOKENS:
         raise InputError(
             f"bitmap_gemv handles 1 to {GEMV_MAX_TOKENS} tokens, got {x2d.shape[0]} (use bitmap_mm)"
         )
-    hint = max_tile_values(packed) if max_tile_values_hint is None else max_tile_values_hint
-    return torch.ops.owl_sparse_C.bitmap_gemv(
-        x2d,
-        packed.bitmap,
-        packed.values,
-        packed.tile_offsets,
-        packed.N,
-        packed.K,
-        bias,
-        split_k,
-        hint,
-    )
+    return _bitmap_op("bitmap_gemv", x2d, packed, bias, split_k, max_tile_values_hint)
 
 
 def plan(
