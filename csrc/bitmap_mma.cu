@@ -56,6 +56,15 @@ inline int vals_capacity(int64_t max_tile_values) {
   return (int)(need < kMaxValsPerTile ? need : kMaxValsPerTile);
 }
 
+// Whether a tile's values are read from its shared slot: they fit the slot, and the
+// tile's bit count (lane 31's inclusive scan, `incl`) matches its offsets, so no rank can
+// leave the slot.  A tile whose bitmap and offsets disagree (a corrupt weight that skipped
+// validation) takes the bounds-checked global path instead of reading past shared memory.
+__device__ __forceinline__ bool staged_in_smem(int64_t off0, int64_t off1, int incl, int vcap) {
+  const int total = __shfl_sync(0xffffffffu, incl, 31);
+  return staged_halves(off0, off1) <= vcap && total == off1 - off0;
+}
+
 // Reads of one tile's packed values, index r from the tile's first granule: from its
 // shared slot, or (a tile too large for the slot) from global memory, bounds-checked.
 struct SmemValues {
@@ -210,7 +219,7 @@ struct BitmapKernel {
         if (lane >= d) incl += v;
       }
       const int base = (int)(off0 & 7) + incl - mine;
-      if (staged_halves(off0, off1) <= p.vcap) {  // warp-uniform
+      if (staged_in_smem(off0, off1, incl, p.vcap)) {  // warp-uniform
         const SmemValues vals{sl.vs + ti * p.vcap};
         expand_word(w0, base, vals, dst);
         expand_word(w1, base + c0, vals, dst + 32);
@@ -314,7 +323,7 @@ struct BitmapKernel {
       }
       const int base = (int)(off0 & 7) + incl - mine;
       const uint16_t* xs = cur.xs + wc * 32;
-      if (staged_halves(off0, off1) <= p.vcap) {  // warp-uniform
+      if (staged_in_smem(off0, off1, incl, p.vcap)) {  // warp-uniform
         const SmemValues vals{cur.vs + warp * p.vcap};
         fma_word<TOK>(ww.x, base, vals, xs, acc);
         fma_word<TOK>(ww.y, base + c0, vals, xs + 32, acc);
