@@ -187,6 +187,59 @@ struct BitmapKernel {
       d[q] = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
   }
 
+  // For this lane's two bitmap words of row tile `ti` in slot `sl` (row lane / 2, words
+  // 2 (lane & 1) and + 1), whose values are [off0, off1): op(word, rank of its first value,
+  // values reader, h) for h = 0, 1.  Ranks come from a warp-wide scan of the popcounts over
+  // the tile's words in row-major order; the reader is the tile's shared slot or, where the
+  // values do not fit it or disagree with the bitmap, the values array in global memory.
+  // Warp-collective: all 32 lanes call it with the same tile.
+  template <typename Op>
+  __device__ static void with_lane_words(const BitmapParams& p, const Slot& sl, int ti,
+                                         int64_t off0, int64_t off1, int lane, Op&& op) {
+    const uint2 ww =
+        *reinterpret_cast<const uint2*>(sl.bs + (ti * 16 + (lane >> 1)) * 4 + (lane & 1) * 2);
+    const int c0 = __popc(ww.x);
+    const int mine = c0 + __popc(ww.y);
+    int incl = mine;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    const int base = (int)(off0 & 7) + incl - mine;
+    if (staged_in_smem(off0, off1, incl, p.vcap)) {  // warp-uniform
+      const SmemValues vals{sl.vs + ti * p.vcap};
+      op(ww.x, base, vals, 0);
+      op(ww.y, base + c0, vals, 1);
+    } else {
+      const int64_t g = off0 & ~int64_t(7);
+      const GlobalValues vals{p.values + g, p.num_values - g};
+      op(ww.x, base, vals, 0);
+      op(ww.y, base + c0, vals, 1);
+    }
+  }
+
+  // The cp.async ring over this block's stages st0 .. st0 + nst - 1: body(slot, kt) runs on
+  // each landed stage while the next STAGES - 1 load.  Every thread runs every iteration
+  // (barriers inside), so a body leaves early with `return`, never around a barrier.
+  template <typename Body>
+  __device__ static void for_each_stage(const BitmapParams& p, uint8_t* smem, int m0, int n0,
+                                        int st0, int nst, int tid, Body&& body) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < nst) load_stage(p, slot(smem, s, p.vcap), m0, n0, st0 + s, tid);
+      cp_async_commit();
+    }
+    for (int s = 0; s < nst; ++s) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();  // stage s landed; all warps finished stage s - 1
+      const int sn = s + STAGES - 1;
+      if (sn < nst) load_stage(p, slot(smem, sn % STAGES, p.vcap), m0, n0, st0 + sn, tid);
+      cp_async_commit();
+      body(slot(smem, s % STAGES, p.vcap), st0 + s);
+    }
+  }
+
   // Decode the block's row tiles of tile column `kt` (slot `sl`) into `as` [BM][kSmemLd].
   __device__ static void decode(const BitmapParams& p, const Slot& sl, uint16_t* as, int m0, int kt,
                                 int tid) {
@@ -207,28 +260,10 @@ struct BitmapKernel {
         for (int q = 0; q < 8; ++q) d[q] = make_uint4(0u, 0u, 0u, 0u);
         continue;
       }
-      const uint2 ww = *reinterpret_cast<const uint2*>(sl.bs + (ti * 16 + rr) * 4 + wc);
-      const uint32_t w0 = ww.x, w1 = ww.y;
-      const int c0 = __popc(w0);
-      const int mine = c0 + __popc(w1);
-      // Inclusive scan over lanes = over the tile's words in row-major order.
-      int incl = mine;
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, incl, d);
-        if (lane >= d) incl += v;
-      }
-      const int base = (int)(off0 & 7) + incl - mine;
-      if (staged_in_smem(off0, off1, incl, p.vcap)) {  // warp-uniform
-        const SmemValues vals{sl.vs + ti * p.vcap};
-        expand_word(w0, base, vals, dst);
-        expand_word(w1, base + c0, vals, dst + 32);
-      } else {
-        const int64_t g = off0 & ~int64_t(7);
-        const GlobalValues vals{p.values + g, p.num_values - g};
-        expand_word(w0, base, vals, dst);
-        expand_word(w1, base + c0, vals, dst + 32);
-      }
+      with_lane_words(p, sl, ti, off0, off1, lane,
+                      [&](uint32_t w, int r, const auto& vals, int h) {
+                        expand_word(w, r, vals, dst + 32 * h);
+                      });
     }
   }
 
@@ -296,44 +331,17 @@ struct BitmapKernel {
 #pragma unroll
     for (int t = 0; t < TOK; ++t) acc[t] = 0.f;
 
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < nst) load_stage(p, slot(smem, s, p.vcap), m0, n0, st0 + s, tid);
-      cp_async_commit();
-    }
-    for (int s = 0; s < nst; ++s) {
-      cp_async_wait<STAGES - 2>();
-      __syncthreads();  // stage s landed; all warps finished stage s - 1
-      const int sn = s + STAGES - 1;
-      if (sn < nst) load_stage(p, slot(smem, sn % STAGES, p.vcap), m0, n0, st0 + sn, tid);
-      cp_async_commit();
-      if (rt >= p.m_tiles) continue;  // warp-uniform: past the last row tile
-      const Slot cur = slot(smem, s % STAGES, p.vcap);
-      const int64_t t = (int64_t)rt * p.k_stages + st0 + s;
+    for_each_stage(p, smem, m0, n0, st0, nst, tid, [&](const Slot& cur, int kt) {
+      if (rt >= p.m_tiles) return;  // warp-uniform: past the last row tile
+      const int64_t t = (int64_t)rt * p.k_stages + kt;
       const int64_t off0 = __ldg(p.tile_offsets + t), off1 = __ldg(p.tile_offsets + t + 1);
-      if (off0 < 0 || off1 <= off0) continue;  // empty tile (warp-uniform)
-      const uint2 ww = *reinterpret_cast<const uint2*>(cur.bs + (warp * 16 + rr) * 4 + wc);
-      const int c0 = __popc(ww.x);
-      const int mine = c0 + __popc(ww.y);
-      int incl = mine;  // inclusive scan over lanes = over the tile's words, row-major
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, incl, d);
-        if (lane >= d) incl += v;
-      }
-      const int base = (int)(off0 & 7) + incl - mine;
+      if (off0 < 0 || off1 <= off0) return;  // empty tile (warp-uniform)
       const uint16_t* xs = cur.xs + wc * 32;
-      if (staged_in_smem(off0, off1, incl, p.vcap)) {  // warp-uniform
-        const SmemValues vals{cur.vs + warp * p.vcap};
-        fma_word<TOK>(ww.x, base, vals, xs, acc);
-        fma_word<TOK>(ww.y, base + c0, vals, xs + 32, acc);
-      } else {
-        const int64_t g = off0 & ~int64_t(7);
-        const GlobalValues vals{p.values + g, p.num_values - g};
-        fma_word<TOK>(ww.x, base, vals, xs, acc);
-        fma_word<TOK>(ww.y, base + c0, vals, xs + 32, acc);
-      }
-    }
+      with_lane_words(p, cur, warp, off0, off1, lane,
+                      [&](uint32_t w, int r, const auto& vals, int h) {
+                        fma_word<TOK>(w, r, vals, xs + 32 * h, acc);
+                      });
+    });
     // Lanes 2i and 2i + 1 hold the two halves of row i of the warp's tile.
 #pragma unroll
     for (int t = 0; t < TOK; ++t) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], 1);
@@ -370,22 +378,12 @@ struct BitmapKernel {
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
 
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < nst) load_stage(p, slot(smem, s, p.vcap), m0, n0, st0 + s, tid);
-      cp_async_commit();
-    }
-    for (int s = 0; s < nst; ++s) {
-      cp_async_wait<STAGES - 2>();
-      __syncthreads();  // stage s landed; all warps finished stage s - 1 (slot and `as`)
-      const int sn = s + STAGES - 1;
-      if (sn < nst) load_stage(p, slot(smem, sn % STAGES, p.vcap), m0, n0, st0 + sn, tid);
-      cp_async_commit();
-      const Slot cur = slot(smem, s % STAGES, p.vcap);
-      decode(p, cur, as, m0, st0 + s, tid);
+    // (the barrier at the top of each stage also frees `as` from the previous stage)
+    for_each_stage(p, smem, m0, n0, st0, nst, tid, [&](const Slot& cur, int kt) {
+      decode(p, cur, as, m0, kt, tid);
       __syncthreads();  // decoded tile visible to all warps
       compute(cur.xs, as, wm, wn, lane, acc);
-    }
+    });
     store_block<T, MT, NT, BM, BN, kThreads>(smem, acc, p.ep, wm, wn, m0, n0, tid);
   }
 };
