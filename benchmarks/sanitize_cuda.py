@@ -30,6 +30,7 @@ CASES = [
     (64, 512, 17, 0),  # NT = 4 configuration
     (48, 256, 70, 2),  # prefill configuration, partial token tile, split-K
     (20, 384, 130, 0),  # prefill, two token tiles
+    (272, 1000, 140, 0),  # 2:4 prefill tile: two row blocks (one valid tile), K % 8 == 0
 ]
 BITMAP_ONLY = [(70, 390, 5, 2)]  # K % 4 != 0: padded activation path
 

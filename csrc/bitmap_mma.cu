@@ -219,25 +219,15 @@ struct BitmapKernel {
     }
   }
 
-  // The cp.async ring over this block's stages st0 .. st0 + nst - 1: body(slot, kt) runs on
-  // each landed stage while the next STAGES - 1 load.  Every thread runs every iteration
-  // (barriers inside), so a body leaves early with `return`, never around a barrier.
+  // The cp.async ring (cp_async_ring) over this block's stages st0 .. st0 + nst - 1:
+  // body(slot, kt) runs on each landed stage while the next STAGES - 1 load.
   template <typename Body>
   __device__ static void for_each_stage(const BitmapParams& p, uint8_t* smem, int m0, int n0,
                                         int st0, int nst, int tid, Body&& body) {
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < nst) load_stage(p, slot(smem, s, p.vcap), m0, n0, st0 + s, tid);
-      cp_async_commit();
-    }
-    for (int s = 0; s < nst; ++s) {
-      cp_async_wait<STAGES - 2>();
-      __syncthreads();  // stage s landed; all warps finished stage s - 1
-      const int sn = s + STAGES - 1;
-      if (sn < nst) load_stage(p, slot(smem, sn % STAGES, p.vcap), m0, n0, st0 + sn, tid);
-      cp_async_commit();
-      body(slot(smem, s % STAGES, p.vcap), st0 + s);
-    }
+    cp_async_ring<STAGES>(
+        nst,
+        [&](int sl, int s) { load_stage(p, slot(smem, sl, p.vcap), m0, n0, st0 + s, tid); },
+        [&](int sl, int s) { body(slot(smem, sl, p.vcap), st0 + s); });
   }
 
   // Decode the block's row tiles of tile column `kt` (slot `sl`) into `as` [BM][kSmemLd].

@@ -191,6 +191,30 @@ __device__ __forceinline__ void mma_sp_16832<__nv_bfloat16, 1>(float (&d)[4], co
                  "r"(b[3]), "r"(e));
 }
 
+// A STAGES-deep cp.async ring over a block's stages 0 .. nst - 1: load(slot, s) issues the
+// copies of stage s into ring slot `slot`; body(slot, s) runs once stage s has landed,
+// while the next STAGES - 1 stages load.  Every thread runs every iteration (barriers
+// inside), so a body leaves early with `return`, never around a barrier.  The barrier at
+// the top of each iteration also tells the loader that every warp is done with the slot
+// it is about to overwrite.
+template <int STAGES, typename Load, typename Body>
+__device__ __forceinline__ void cp_async_ring(int nst, Load&& load, Body&& body) {
+  static_assert(STAGES >= 2, "a ring needs two slots");
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nst) load(s, s);
+    cp_async_commit();  // always commit so the group count stays in step
+  }
+  for (int s = 0; s < nst; ++s) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage s landed; all warps finished stage s - 1
+    const int sn = s + STAGES - 1;
+    if (sn < nst) load(sn % STAGES, sn);
+    cp_async_commit();
+    body(s % STAGES, s);
+  }
+}
+
 // Load rows [n0, n0 + BN) x columns [k0, k0 + 128) of x ([T, K] row-major) into a
 // shared tile [BN][kSmemLd].  Rows >= T and columns >= K are zero-filled (never read):
 // padding weights are zero but 0 * garbage could still be NaN.  `vec16` (K % 8 == 0)

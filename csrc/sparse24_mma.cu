@@ -7,15 +7,23 @@
 // the B side (cuSPARSELt, torch's semi-structured path) pad the token count to 32+.
 //
 // Data path per block (WM x WN warps, each warp MT m16 tiles x NT n8 tiles):
-// - Weights go straight from global memory to registers: values_mma is stored in
-//   fragment order, so one 16-byte load per lane and chunk is exactly the four A
-//   registers, a warp reads 512 contiguous bytes per chunk, and no shared memory or
-//   shuffles are needed.  Weights are read once: loads bypass L1 (no_allocate), and the
-//   fragments of the next one or two stages are prefetched into spare register sets
-//   while the current stage computes (software pipelining at register level).
-// - Metadata: one 8-byte load per lane and stage (two 32-bit words); word h serves
-//   chunks 2h (sparsity selector 0, lanes t = 0, 1) and 2h + 1 (selector 1, lanes
-//   t = 2, 3), so all 32 lanes load useful bytes.
+// - Weights, decode / small batches (A_SMEM = false): straight from global memory to
+//   registers.  values_mma is stored in fragment order, so one 16-byte load per lane and
+//   chunk is exactly the four A registers, a warp reads 512 contiguous bytes per chunk,
+//   and no shared memory or shuffles are needed.  Weights are read once: loads bypass L1
+//   (no_allocate), and the fragments of the next one or two stages are prefetched into
+//   spare register sets while the current stage computes (register-level pipelining).
+// - Weights, prefill (A_SMEM = true): the same fragment-order bytes go through the
+//   cp.async ring into shared memory (2 KB per m16 tile and stage, contiguous in global
+//   and in shared memory), and each warp reads its fragments with one conflict-free
+//   16-byte shared load per lane, m tile and chunk.  Large warp tiles (64 rows x 64
+//   tokens: 4 m16 x 8 n8) make every weight fragment feed 8 MMAs and every activation
+//   fragment 4, the register blocking a compute-bound GEMM needs; with A from registers
+//   the prefill tile had to stay small (the prefetch sets cost registers) and re-read
+//   its weights from L2 once per 128 tokens and warp.
+// - Metadata: one 8-byte word pair per lane and stage; word h serves chunks 2h (sparsity
+//   selector 0, lanes t = 0, 1) and 2h + 1 (selector 1, lanes t = 2, 3), so all 32 lanes
+//   load useful bytes.
 // - Activations are shared by all warps of the block: a STAGES-deep cp.async ring of
 //   [BN tokens x 128 k] tiles in shared memory (zero-filled past T and K), read as B
 //   fragments with ldmatrix.x4 (one instruction per chunk and n8 tile).
@@ -44,19 +52,47 @@ struct AFrag {
   uint2 m[MT];     // metadata words for chunks (0, 1) and (2, 3)
 };
 
-template <typename T, int WM, int WN, int MT, int NT, int STAGES>
+// Sources of a warp's A fragments for compute(): a(i, c) is m tile i's chunk c, e(i, c)
+// its metadata word.  RegFrags reads a prefetched register set; SmemFrags a ring slot.
+template <int MT>
+struct RegFrags {
+  const AFrag<MT>& f;
+  __device__ __forceinline__ uint4 a(int i, int c) const { return f.v[i][c]; }
+  __device__ __forceinline__ uint32_t e(int i, int c) const {
+    return c < 2 ? f.m[i].x : f.m[i].y;
+  }
+};
+
+template <int MT>
+struct SmemFrags {
+  const uint4* as;  // this warp's first m tile in the slot: [m tile][chunk][lane]
+  uint2 m[MT];
+  __device__ __forceinline__ SmemFrags(const uint4* a_tiles, const uint2* meta_tiles, int lane)
+      : as(a_tiles + lane) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) m[i] = meta_tiles[i * 32 + lane];
+  }
+  __device__ __forceinline__ uint4 a(int i, int c) const { return as[(i * 4 + c) * 32]; }
+  __device__ __forceinline__ uint32_t e(int i, int c) const { return c < 2 ? m[i].x : m[i].y; }
+};
+
+template <typename T, int WM, int WN, int MT, int NT, int STAGES, bool A_SMEM>
 struct Sp24Kernel {
   static constexpr int kThreads = WM * WN * 32;
   static constexpr int BM = WM * MT * 16;
   static constexpr int BN = WN * NT * 8;
-  static constexpr int kXBytes = STAGES * BN * kSmemLd * 2;
+  static constexpr int kTilesM = BM / 16;
+  // Ring slot: the activation tile, then (A_SMEM) the block's weight fragments
+  // [m tile][4 chunks][32 lanes] x 16 bytes and metadata [m tile][32 lanes] x 8 bytes.
+  static constexpr int kXBytes = BN * kSmemLd * 2;
+  static constexpr int kABytes = A_SMEM ? kTilesM * 4 * 32 * 16 : 0;
+  static constexpr int kMBytes = A_SMEM ? kTilesM * 32 * 8 : 0;
+  static constexpr int kSlotBytes = kXBytes + kABytes + kMBytes;
+  static constexpr int kRingBytes = STAGES * kSlotBytes;
   static constexpr int kCBytes = BN * (BM + 4) * 4;
-  static constexpr int kSmemBytes = kXBytes > kCBytes ? kXBytes : kCBytes;
-  // Weight prefetch distance in stages.  Decode is bound by how many weight bytes each SM
-  // keeps in flight: with one m16 tile per warp (36 registers per stage) prefetch two
-  // stages ahead (about 4.5 KB per warp in flight); the prefill tiles hold 2 m16 tiles
-  // and 64 accumulators, so one stage ahead keeps them clear of spills.
-  static constexpr int kDepth = MT == 1 ? 2 : 1;
+  static constexpr int kSmemBytes = kRingBytes > kCBytes ? kRingBytes : kCBytes;
+  static_assert(kXBytes % 16 == 0 && kABytes % 16 == 0 && kMBytes % 16 == 0,
+                "ring slots must keep 16-byte alignment");
 
   // Fragments of stage `st` (absolute stage index) for this warp's m tiles.  Tiles past
   // the last row tile (N not a multiple of BM) are never loaded and never multiplied.
@@ -81,10 +117,42 @@ struct Sp24Kernel {
     }
   }
 
-  __device__ static void compute(const uint16_t* xb, const AFrag<MT>& f, int mt0, int m_tiles,
+  // Copies of stage `st` into ring slot `slot` (A_SMEM): activations, then for each of the
+  // block's m tiles its 2 KB of fragments and 256 bytes of metadata (contiguous in global
+  // memory).  Tiles past the last row tile are zero-filled (and never multiplied).
+  __device__ static void load_stage(const Sp24Params& p, uint8_t* slot, int mtb, int n0, int st,
+                                    int tid) {
+    load_x_stage<BN, kThreads>(reinterpret_cast<uint16_t*>(slot), p.x, p.T, p.K, n0,
+                               st * kStageK, p.vec16, tid);
+    uint8_t* as = slot + kXBytes;
+    uint8_t* ms = as + kABytes;
+    constexpr int kAGran = 4 * 32;  // 16-byte granules per m tile and stage
+    for (int idx = tid; idx < kTilesM * kAGran; idx += kThreads) {
+      const int ti = idx / kAGran, q = idx % kAGran;
+      const int mt = mtb + ti;
+      const bool ok = mt < p.m_tiles;
+      const uint4* src = ok ? p.values + ((int64_t)mt * p.k_stages * 4 + st * 4) * 32 + q
+                            : p.values;
+      cp_async16(smem_addr(as + idx * 16), src, ok ? 16 : 0);
+    }
+    constexpr int kMGran = 32 * 8 / 16;
+    for (int idx = tid; idx < kTilesM * kMGran; idx += kThreads) {
+      const int ti = idx / kMGran, q = idx % kMGran;
+      const int mt = mtb + ti;
+      const bool ok = mt < p.m_tiles;
+      const uint2* src = ok ? p.meta + ((int64_t)mt * p.k_stages + st) * 32 + 2 * q : p.meta;
+      cp_async16(smem_addr(ms + idx * 16), src, ok ? 16 : 0);
+    }
+  }
+
+  template <typename Frags>
+  __device__ static void compute(const uint16_t* xb, const Frags& fr, int mt0, int m_tiles,
                                  int wn, int lane, float (&acc)[MT][NT][4]) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
+      uint4 a[MT];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) a[i] = fr.a(i, c);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         // ldmatrix.x4: matrix j = tokens (lane & 7) x k [32c + 8j, 32c + 8j + 8); lane
@@ -95,20 +163,22 @@ struct Sp24Kernel {
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
           if (mt0 + i < m_tiles) {
-            const uint32_t e = (c < 2) ? f.m[i].x : f.m[i].y;
             if (c & 1)
-              mma_sp_16832<T, 1>(acc[i][nt], f.v[i][c], b, e);
+              mma_sp_16832<T, 1>(acc[i][nt], a[i], b, fr.e(i, c));
             else
-              mma_sp_16832<T, 0>(acc[i][nt], f.v[i][c], b, e);
+              mma_sp_16832<T, 0>(acc[i][nt], a[i], b, fr.e(i, c));
           }
         }
       }
     }
   }
 
-  // One pipeline step: wait for x stage s, refill the ring, prefetch the weights of stage
-  // s + kDepth into `pf`, multiply with `cur`.  The caller rotates kDepth + 1 register
-  // sets by hand so that every register index is a compile-time constant.
+  // One step of the register path: wait for x stage s, refill the ring, prefetch the
+  // weights of stage s + 2 into `pf`, multiply with `cur`.  Decode is bound by how many
+  // weight bytes each SM keeps in flight: with one m16 tile per warp (36 registers per
+  // stage) prefetching two stages ahead keeps about 4.5 KB per warp in flight.  The caller
+  // rotates three register sets by hand so that every register index is a compile-time
+  // constant.
   __device__ static void step(const Sp24Params& p, uint16_t* xs, int s, int nst, int st0,
                               int n0, int mt0, int wn, int tid, const AFrag<MT>& cur,
                               AFrag<MT>& pf, float (&acc)[MT][NT][4]) {
@@ -119,17 +189,53 @@ struct Sp24Kernel {
       load_x_stage<BN, kThreads>(xs + (sn % STAGES) * BN * kSmemLd, p.x, p.T, p.K, n0,
                                  (st0 + sn) * kStageK, p.vec16, tid);
     cp_async_commit();  // always commit so the group count stays in step
-    if (s + kDepth < nst) load_a(p, mt0, st0 + s + kDepth, tid & 31, pf);
-    compute(xs + (s % STAGES) * BN * kSmemLd, cur, mt0, p.m_tiles, wn, tid & 31, acc);
+    if (s + 2 < nst) load_a(p, mt0, st0 + s + 2, tid & 31, pf);
+    compute(xs + (s % STAGES) * BN * kSmemLd, RegFrags<MT>{cur}, mt0, p.m_tiles, wn, tid & 31,
+            acc);
+  }
+
+  __device__ static void run_registers(const Sp24Params& p, uint8_t* smem, int st0, int nst,
+                                       int n0, int mt0, int wn, int tid,
+                                       float (&acc)[MT][NT][4]) {
+    uint16_t* xs = reinterpret_cast<uint16_t*>(smem);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < nst)
+        load_x_stage<BN, kThreads>(xs + s * BN * kSmemLd, p.x, p.T, p.K, n0,
+                                   (st0 + s) * kStageK, p.vec16, tid);
+      cp_async_commit();
+    }
+    AFrag<MT> f0, f1, f2;
+    if (nst > 0) load_a(p, mt0, st0, tid & 31, f0);
+    if (nst > 1) load_a(p, mt0, st0 + 1, tid & 31, f1);
+    for (int s = 0; s < nst; s += 3) {
+      step(p, xs, s, nst, st0, n0, mt0, wn, tid, f0, f2, acc);
+      if (s + 1 < nst) step(p, xs, s + 1, nst, st0, n0, mt0, wn, tid, f1, f0, acc);
+      if (s + 2 < nst) step(p, xs, s + 2, nst, st0, n0, mt0, wn, tid, f2, f1, acc);
+    }
+  }
+
+  __device__ static void run_smem(const Sp24Params& p, uint8_t* smem, int st0, int nst, int n0,
+                                  int mt0, int wm, int wn, int tid, float (&acc)[MT][NT][4]) {
+    const int mtb = blockIdx.x * kTilesM;
+    cp_async_ring<STAGES>(
+        nst,
+        [&](int sl, int s) { load_stage(p, smem + sl * kSlotBytes, mtb, n0, st0 + s, tid); },
+        [&](int sl, int s) {
+          const uint8_t* slot = smem + sl * kSlotBytes;
+          const SmemFrags<MT> fr(
+              reinterpret_cast<const uint4*>(slot + kXBytes) + wm * MT * 4 * 32,
+              reinterpret_cast<const uint2*>(slot + kXBytes + kABytes) + wm * MT * 32, tid & 31);
+          compute(reinterpret_cast<const uint16_t*>(slot), fr, mt0, p.m_tiles, wn, tid & 31, acc);
+        });
   }
 
   __device__ static void run(const Sp24Params& p) {
     extern __shared__ __align__(16) uint8_t smem[];
-    uint16_t* xs = reinterpret_cast<uint16_t*>(smem);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x, warp = tid >> 5;
     const int wm = warp % WM, wn = warp / WM;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-    const int mt0 = blockIdx.x * (BM / 16) + wm * MT;
+    const int mt0 = blockIdx.x * kTilesM + wm * MT;
     const int st0 = blockIdx.z * p.stages_per_split;
     const int st1 = min(p.k_stages, st0 + p.stages_per_split);
     const int nst = st1 - st0;
@@ -142,60 +248,53 @@ struct Sp24Kernel {
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
 
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < nst)
-        load_x_stage<BN, kThreads>(xs + s * BN * kSmemLd, p.x, p.T, p.K, n0,
-                                   (st0 + s) * kStageK, p.vec16, tid);
-      cp_async_commit();
-    }
-    AFrag<MT> f0, f1, f2;
-    if (nst > 0) load_a(p, mt0, st0, lane, f0);
-    if constexpr (kDepth == 1) {
-      for (int s = 0; s < nst; s += 2) {
-        step(p, xs, s, nst, st0, n0, mt0, wn, tid, f0, f1, acc);
-        if (s + 1 < nst) step(p, xs, s + 1, nst, st0, n0, mt0, wn, tid, f1, f0, acc);
-      }
-    } else {
-      if (nst > 1) load_a(p, mt0, st0 + 1, lane, f1);
-      for (int s = 0; s < nst; s += 3) {
-        step(p, xs, s, nst, st0, n0, mt0, wn, tid, f0, f2, acc);
-        if (s + 1 < nst) step(p, xs, s + 1, nst, st0, n0, mt0, wn, tid, f1, f0, acc);
-        if (s + 2 < nst) step(p, xs, s + 2, nst, st0, n0, mt0, wn, tid, f2, f1, acc);
-      }
-    }
+    if constexpr (A_SMEM)
+      run_smem(p, smem, st0, nst, n0, mt0, wm, wn, tid, acc);
+    else
+      run_registers(p, smem, st0, nst, n0, mt0, wn, tid, acc);
     store_block<T, MT, NT, BM, BN, kThreads>(smem, acc, p.ep, wm, wn, m0, n0, tid);
   }
 };
 
-template <typename T, int WM, int WN, int MT, int NT, int STAGES>
-__global__ void __launch_bounds__(WM* WN * 32) sp24_kernel(const Sp24Params p) {
-  Sp24Kernel<T, WM, WN, MT, NT, STAGES>::run(p);
+// The prefill tile asks for one resident block per SM so that ptxas may use up to 255
+// registers (128 accumulators per thread); the decode tiles keep ptxas's choice.
+template <typename T, int WM, int WN, int MT, int NT, int STAGES, bool A_SMEM>
+__global__ void __launch_bounds__(WM* WN * 32, A_SMEM ? 1 : 0)
+    sp24_kernel(const Sp24Params p) {
+  Sp24Kernel<T, WM, WN, MT, NT, STAGES, A_SMEM>::run(p);
 }
 
 // Configuration table.  Decode / small batches (<= 32 tokens): 4 warps stacked along N,
-// one m16 tile each, the whole block shares one token tile; NT grows with T so the
-// weights (the bytes that matter) are read once per 8, 16 or 32 tokens.  Prefill: 2 x 2
-// warps with 2 x 8 MMA tiles each (64 rows x 128 tokens per block), the usual
-// register-blocked GEMM shape, where each weight fragment feeds 8 MMAs.
+// one m16 tile each, weights from global memory into registers, the whole block shares one
+// token tile; NT grows with T so the weights (the bytes that matter) are read once per 8,
+// 16 or 32 tokens.  Beyond 32 tokens: 4 x 2 warps of 64 rows x 64 tokens (256 rows x 128
+// tokens per block, weights staged in shared memory), three stages where shared memory
+// allows (227 KB on sm_90), else two (sm_80's 163 KB); split-K fills the GPU when the
+// grid of tiles is small.  A device with less shared memory falls back along `fallback`.
 struct Sp24Config {
   int wm, wn, mt, nt, stages;
+  bool a_smem;
   int max_tokens;  // use this config up to this many tokens
+  int fallback;    // the config to try where this one's shared memory does not fit
 };
 
 constexpr Sp24Config kSp24Configs[] = {
-    {4, 1, 1, 1, 3, 8},
-    {4, 1, 1, 2, 3, 16},
-    {4, 1, 1, 4, 3, 32},
-    {2, 2, 2, 8, 3, 1 << 30},
+    {4, 1, 1, 1, 3, false, 8, -1},
+    {4, 1, 1, 2, 3, false, 16, 0},
+    {4, 1, 1, 4, 3, false, 32, 1},
+    {4, 2, 4, 8, 3, true, 1 << 30, 4},
+    {4, 2, 4, 8, 2, true, 1 << 30, 2},
 };
 constexpr int kNumSp24Configs = sizeof(kSp24Configs) / sizeof(kSp24Configs[0]);
+constexpr int kFirstPrefillConfig = 3;
 
-template <typename T, int WM, int WN, int MT, int NT, int STAGES>
+template <typename T, int WM, int WN, int MT, int NT, int STAGES, bool A_SMEM>
 cudaError_t launch_sp24(const Sp24Params& p, const LaunchPlan& plan, cudaStream_t stream) {
-  using K = Sp24Kernel<T, WM, WN, MT, NT, STAGES>;
-  auto* fn = &sp24_kernel<T, WM, WN, MT, NT, STAGES>;
+  using K = Sp24Kernel<T, WM, WN, MT, NT, STAGES, A_SMEM>;
+  static_assert(A_SMEM || MT == 1, "the register path holds one m16 tile per warp");
+  auto* fn = &sp24_kernel<T, WM, WN, MT, NT, STAGES, A_SMEM>;
   static std::atomic<unsigned long long> smem_set{0};
+  if (plan.smem_bytes != K::kSmemBytes) return cudaErrorInvalidValue;  // another config
   const cudaError_t err = allow_smem(fn, K::kSmemBytes, smem_set);
   if (err != cudaSuccess) return err;
   dim3 grid(plan.grid_m, plan.grid_n, plan.splits);
@@ -206,18 +305,21 @@ cudaError_t launch_sp24(const Sp24Params& p, const LaunchPlan& plan, cudaStream_
 template <typename T>
 cudaError_t dispatch_sp24(const Sp24Params& p, const LaunchPlan& plan, cudaStream_t stream) {
   switch (plan.config) {
-    case 0: return launch_sp24<T, 4, 1, 1, 1, 3>(p, plan, stream);
-    case 1: return launch_sp24<T, 4, 1, 1, 2, 3>(p, plan, stream);
-    case 2: return launch_sp24<T, 4, 1, 1, 4, 3>(p, plan, stream);
-    case 3: return launch_sp24<T, 2, 2, 2, 8, 3>(p, plan, stream);
+    case 0: return launch_sp24<T, 4, 1, 1, 1, 3, false>(p, plan, stream);
+    case 1: return launch_sp24<T, 4, 1, 1, 2, 3, false>(p, plan, stream);
+    case 2: return launch_sp24<T, 4, 1, 1, 4, 3, false>(p, plan, stream);
+    case 3: return launch_sp24<T, 4, 2, 4, 8, 3, true>(p, plan, stream);
+    case 4: return launch_sp24<T, 4, 2, 4, 8, 2, true>(p, plan, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
+// Same arithmetic as Sp24Kernel::kSmemBytes (launch_sp24 checks that they agree).
 int sp24_smem_bytes(const Sp24Config& c) {
-  const int bm = c.wm * c.mt * 16, bn = c.wn * c.nt * 8;
-  const int xb = c.stages * bn * kSmemLd * 2, cb = bn * (bm + 4) * 4;
-  return xb > cb ? xb : cb;
+  const int bm = c.wm * c.mt * 16, bn = c.wn * c.nt * 8, tiles = bm / 16;
+  const int slot = bn * kSmemLd * 2 + (c.a_smem ? tiles * (4 * 32 * 16 + 32 * 8) : 0);
+  const int ring = c.stages * slot, cb = bn * (bm + 4) * 4;
+  return ring > cb ? ring : cb;
 }
 
 }  // namespace
@@ -230,8 +332,10 @@ cudaError_t sparse24_plan(int T, int N, int K, int requested_splits, int device,
   if (err != cudaSuccess) return err;
   int ci = 0;
   while (ci + 1 < kNumSp24Configs && T > kSp24Configs[ci].max_tokens) ++ci;
-  // Fall back to smaller token tiles where the device has less shared memory.
-  while (ci > 0 && sp24_smem_bytes(kSp24Configs[ci]) > lim.max_smem_optin) --ci;
+  // Fall back to smaller tiles where the device has less shared memory.
+  while (ci > 0 && sp24_smem_bytes(kSp24Configs[ci]) > lim.max_smem_optin)
+    ci = kSp24Configs[ci].fallback;
+  if (ci < 0) ci = 0;
   const Sp24Config& c = kSp24Configs[ci];
   LaunchPlan out;
   out.config = ci;
@@ -241,10 +345,12 @@ cudaError_t sparse24_plan(int T, int N, int K, int requested_splits, int device,
   out.grid_n = (T + out.block_n - 1) / out.block_n;
   out.smem_bytes = sp24_smem_bytes(c);
   const int k_stages = (K + kStageK - 1) / kStageK;
-  // Small tiles: many blocks fit per SM; aim for 4 per SM.  Each split keeps >= 4 stages
-  // (512 columns) so partial sums cost < 1/64 of the weight bytes at 16 tokens.
+  // Decode tiles: many blocks fit per SM; aim for 4 per SM.  The prefill tile is one block
+  // per SM; its splits round to whole waves.  Each split keeps >= 4 stages (512 columns)
+  // so partial sums cost < 1/64 of the weight bytes at 16 tokens.
+  const bool prefill = ci >= kFirstPrefillConfig;
   choose_splits(out.grid_m * out.grid_n, k_stages, requested_splits, lim.num_sms,
-                ci < 3 ? 4 : 1, 4, &out);
+                prefill ? 1 : 4, 4, &out, prefill);
   out.partial_elems = out.splits > 1 ? (int64_t)out.splits * T * N : 0;
   *plan = out;
   return cudaSuccess;

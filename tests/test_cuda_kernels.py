@@ -233,6 +233,23 @@ def test_decode_plan_fills_the_gpu(ext):
     assert ext.plan("bitmap", 512, 4096, 4096)["block_n"] == 128
 
 
+def test_sparse24_prefill_tile(ext):
+    """The 256-row x 128-token prefill tile (weights staged in shared memory, 8 warps):
+    two row blocks with a partial second one, K % 8 == 4 with a K tail, partial token tiles,
+    automatic and forced split-K; every case checks the plan really chose that tile."""
+    plan = ext.plan("sparse24", 2048, 4096, 4096)
+    assert (plan["block_m"], plan["block_n"], plan["splits"]) == (256, 128, 1), plan
+    n, k = 300, 1004
+    for dtype in DTYPES:
+        p = make_24(n, k, dtype, 12)
+        for t, splits in ((33, 0), (129, 0), (257, 3)):
+            assert ext.plan("sparse24", t, n, k, splits)["block_m"] == 256
+            x = torch.randn(t, k, device="cuda", dtype=dtype)
+            bias = torch.randn(n, device="cuda", dtype=dtype) if t % 2 else None
+            poison(t * n, dtype)
+            check(ext.sparse24_mm(x, p, bias, split_k=splits), x, p.to_dense(), bias)
+
+
 def test_errors_name_the_shapes(ext):
     p = make_24(32, 128, torch.float16, 4)
     vm, mm = ext.mma_tensors(p)

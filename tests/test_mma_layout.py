@@ -181,8 +181,31 @@ def store_tile(y, acc, m0, n0, wm, wn, mt_n, nt_n):
                         y[gt, gr] += acc[i, j, lane, q]
 
 
-def emulate_sp24(x, vm, mm, n, k, wm_n, wn_n, mt_n, nt_n, splits):
-    """csrc/sparse24_mma.cu, block by block, warp by warp, lane by lane."""
+def stage_a_slot(vm, mm, m_tiles, k_stages, mtb, tiles_m, st):
+    """The weight part of a prefill ring slot (A_SMEM): ``load_stage``'s cp.async index
+    math, granule by granule -- fragments [tile][4 chunks][32 lanes] (16-byte granules)
+    then metadata [tile][32 lanes] (8-byte words), zero past the last row tile."""
+    gran = vm.double().view(-1, 8)  # one 16-byte granule = 8 halves
+    words = mm.view(-1, 2)  # one uint2 per lane and stage
+    a_slot = torch.zeros(tiles_m * 4 * 32, 8, dtype=torch.float64)
+    for idx in range(tiles_m * 4 * 32):
+        ti, q = divmod(idx, 4 * 32)
+        mt = mtb + ti
+        if mt < m_tiles:
+            a_slot[idx] = gran[(mt * k_stages * 4 + st * 4) * 32 + q]
+    m_slot = torch.zeros(tiles_m * 32, 2, dtype=torch.int64)
+    for idx in range(tiles_m * 16):  # 16-byte granules = two uint2 words
+        ti, q = divmod(idx, 16)
+        mt = mtb + ti
+        if mt < m_tiles:
+            src = (mt * k_stages + st) * 32 + 2 * q
+            m_slot[ti * 32 + 2 * q : ti * 32 + 2 * q + 2] = words[src : src + 2]
+    return a_slot, m_slot
+
+
+def emulate_sp24(x, vm, mm, n, k, wm_n, wn_n, mt_n, nt_n, splits, a_smem=False):
+    """csrc/sparse24_mma.cu, block by block, warp by warp, lane by lane.  ``a_smem``: the
+    prefill path, whose warps read their fragments (SmemFrags) from the staged slot."""
     t_tok = x.shape[0]
     np_, kp = mma_padded_shape(n, k)
     m_tiles, k_stages = np_ // 16, kp // 128
@@ -192,6 +215,10 @@ def emulate_sp24(x, vm, mm, n, k, wm_n, wn_n, mt_n, nt_n, splits):
     for bx in range(-(-n // bm)):
         for by in range(-(-t_tok // bn)):
             for st0, st1 in split_ranges(k_stages, splits):
+                slots = {
+                    st: stage_a_slot(vm, mm, m_tiles, k_stages, bx * (bm // 16), bm // 16, st)
+                    for st in (range(st0, st1) if a_smem else ())
+                }
                 for warp in range(wm_n * wn_n):
                     wm, wn = warp % wm_n, warp // wm_n
                     mt0 = bx * (bm // 16) + wm * mt_n
@@ -206,27 +233,36 @@ def emulate_sp24(x, vm, mm, n, k, wm_n, wn_n, mt_n, nt_n, splits):
                                 for i in range(mt_n):
                                     if mt0 + i >= m_tiles:
                                         continue
-                                    a = vals[mt0 + i, st * 4 + c]
-                                    e = mm[mt0 + i, st, :, c // 2].to(torch.int64)
+                                    if a_smem:
+                                        a_slot, m_slot = slots[st]
+                                        base = wm * mt_n * 4 * 32 + (i * 4 + c) * 32
+                                        a = a_slot[base : base + 32]
+                                        mbase = wm * mt_n * 32 + i * 32
+                                        e = m_slot[mbase : mbase + 32, c // 2]
+                                    else:
+                                        a = vals[mt0 + i, st * 4 + c]
+                                        e = mm[mt0 + i, st, :, c // 2].to(torch.int64)
                                     acc[i, nt] += mma_sp_16832(a, b, e, c & 1)
                     store_tile(y, acc, bx * bm, by * bn, wm, wn, mt_n, nt_n)
     return y
 
 
 @pytest.mark.parametrize(
-    "n,k,t,cfg,splits",
+    "n,k,t,cfg,splits,a_smem",
     [
-        (40, 200, 5, (4, 1, 1, 1), 1),  # decode config, partial row block, K tail
-        (33, 196, 11, (4, 1, 1, 2), 2),  # K % 8 == 4, split-K
-        (16, 128, 3, (2, 2, 2, 8), 1),  # prefill config (2 x 2 warps)
+        (40, 200, 5, (4, 1, 1, 1), 1, False),  # decode config, partial row block, K tail
+        (33, 196, 11, (4, 1, 1, 2), 2, False),  # K % 8 == 4, split-K
+        # prefill tile (4 x 2 warps of 4 x 8 MMA tiles, weights staged in shared memory):
+        # a second row block with one valid row tile, a partial token tile, split-K
+        (264, 260, 21, (4, 2, 4, 8), 2, True),
     ],
 )
-def test_sp24_kernel_emulation_matches_dense(n, k, t, cfg, splits):
+def test_sp24_kernel_emulation_matches_dense(n, k, t, cfg, splits, a_smem):
     w, mask = random_24(n, k, seed=n + k + t)
     p = Sparse24Weight.from_dense(w, mask)
     vm, mm = sparse24_to_mma(p.values, p.meta)
     x = torch.randn(t, k, generator=torch.Generator().manual_seed(3)).half()
-    y = emulate_sp24(x, vm, mm, n, k, *cfg, splits)
+    y = emulate_sp24(x, vm, mm, n, k, *cfg, splits, a_smem=a_smem)
     ref = x.double() @ p.to_dense().double().t()
     torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
 
