@@ -29,6 +29,7 @@ CASES = [
     (33, 196, 9, 3),  # K % 8 == 4, forced split-K
     (64, 512, 17, 0),  # NT = 4 configuration
     (48, 256, 70, 2),  # prefill configuration, partial token tile, split-K
+    (40, 200, 50, 3),  # bitmap 64-token register tile, split-K; 2:4 prefill tile
     (20, 384, 130, 0),  # prefill, two token tiles
     (272, 1000, 140, 0),  # 2:4 prefill tile: two row blocks (one valid tile), K % 8 == 0
 ]

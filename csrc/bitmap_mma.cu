@@ -16,6 +16,14 @@
 //    same code for fp16 and bf16; all-empty tiles are a warp-uniform zero fill.
 // 3. mma.sync m16n8k16 with A (the decoded tile) and B (activations) read by ldmatrix.x4;
 //    rows are padded by 16 bytes so every ldmatrix phase is conflict-free.
+// Steps 2 and 3 are for the prefill tiles, where several warps share a decoded tile.  In
+// the decode configurations (<= 32 tokens) each warp owns one row tile, and there is no
+// dense tile at all: lane (g, t) builds its own m16n8k16 A registers (rows g and g + 8,
+// columns 2t, 2t + 1, 2t + 8, 2t + 9 of each k16 step) from its rows' bitmap words -- the
+// rank of a position is its row's base (one packed warp scan of the two rows' popcounts)
+// plus a masked popcount -- and reads only the kept values from the slot.  That removes
+// the dense tile's stores, its ldmatrix reads and a block barrier per stage (ncu had the
+// decode configurations bound by shared-memory traffic), and 17 KB of shared memory.
 // Aimed at 8-512 tokens: the decode cost per weight tile is paid once per token tile,
 // so the prefill configuration uses 128-token tiles.  Split-K fills the grid when the
 // row x token grid is small.
@@ -57,11 +65,10 @@ inline int vals_capacity(int64_t max_tile_values) {
 }
 
 // Whether a tile's values are read from its shared slot: they fit the slot, and the
-// tile's bit count (lane 31's inclusive scan, `incl`) matches its offsets, so no rank can
-// leave the slot.  A tile whose bitmap and offsets disagree (a corrupt weight that skipped
+// tile's bit count (`total`, warp-uniform) matches its offsets, so no rank can leave the
+// slot.  A tile whose bitmap and offsets disagree (a corrupt weight that skipped
 // validation) takes the bounds-checked global path instead of reading past shared memory.
-__device__ __forceinline__ bool staged_in_smem(int64_t off0, int64_t off1, int incl, int vcap) {
-  const int total = __shfl_sync(0xffffffffu, incl, 31);
+__device__ __forceinline__ bool staged_in_smem(int64_t off0, int64_t off1, int total, int vcap) {
   return staged_halves(off0, off1) <= vcap && total == off1 - off0;
 }
 
@@ -105,7 +112,10 @@ struct BitmapKernel {
   // every part a 16-byte multiple (vcap is a multiple of 8).
   static constexpr int kXHalves = BN * kSmemLd;
   static constexpr int kBWords = BM * 4;
-  static constexpr int kABytes = BM * kSmemLd * 2;  // decoded dense tile (single buffer)
+  // Decode configurations build A fragments in registers (no dense tile); the others
+  // decode into a dense tile (single buffer).
+  static constexpr bool kFragA = WN == 1 && MT == 1;
+  static constexpr int kABytes = kFragA ? 0 : BM * kSmemLd * 2;
   static constexpr int kCBytes = BN * (BM + 4) * 4;
   static_assert((kXHalves * 2) % 16 == 0, "ring slots must keep 16-byte alignment");
 
@@ -207,7 +217,8 @@ struct BitmapKernel {
       if (lane >= d) incl += v;
     }
     const int base = (int)(off0 & 7) + incl - mine;
-    if (staged_in_smem(off0, off1, incl, p.vcap)) {  // warp-uniform
+    const int total = __shfl_sync(0xffffffffu, incl, 31);
+    if (staged_in_smem(off0, off1, total, p.vcap)) {  // warp-uniform
       const SmemValues vals{sl.vs + ti * p.vcap};
       op(ww.x, base, vals, 0);
       op(ww.y, base + c0, vals, 1);
@@ -254,6 +265,83 @@ struct BitmapKernel {
                       [&](uint32_t w, int r, const auto& vals, int h) {
                         expand_word(w, r, vals, dst + 32 * h);
                       });
+    }
+  }
+
+  // ---- decode configurations: A fragments straight from the bitmap (kFragA) ------------
+  // One A register of m16n8k16: the two positions (row, bit b and b + 1 of word w) whose
+  // first value has rank `r0` in the tile's run if bit b is set; zero where a bit is clear.
+  template <typename Vals>
+  __device__ static uint32_t frag_pair(uint32_t w, int b, int r0, const Vals& vals) {
+    const uint32_t s = w >> b;
+    const int r = r0 + __popc(w & ((1u << b) - 1u));
+    const uint32_t v0 = (s & 1u) ? vals(r) : 0u;
+    const uint32_t v1 = (s & 2u) ? vals(r + (int)(s & 1u)) : 0u;
+    return v0 | (v1 << 16);
+  }
+
+  // Warp `warp` multiplies its row tile of tile column `kt` (slot `sl`) into acc.  Lane
+  // (g, t) holds rows g and g + 8: 4 bitmap words each.  Row bases come from one inclusive
+  // scan over g of both rows' popcounts packed in one int (each partial sum <= 1024);
+  // lane 28 (g = 7) ends with the totals of rows 0-7 (low half) and 8-15 (high half).
+  // Warp-uniform early exits only: no barrier inside.
+  __device__ static void frag_stage(const BitmapParams& p, const Slot& sl, const uint16_t* xs,
+                                    int m0, int warp, int kt, int lane, float (&acc)[MT][NT][4]) {
+    const int rt = m0 / 16 + warp;
+    if (rt >= p.m_tiles) return;  // past the last row tile
+    const int64_t tix = (int64_t)rt * p.k_stages + kt;
+    const int64_t off0 = __ldg(p.tile_offsets + tix), off1 = __ldg(p.tile_offsets + tix + 1);
+    if (off0 < 0 || off1 <= off0) return;  // empty tile: adds nothing
+    const int g = lane >> 2, t = lane & 3;
+    const uint4 wg = *reinterpret_cast<const uint4*>(sl.bs + (warp * 16 + g) * 4);
+    const uint4 wh = *reinterpret_cast<const uint4*>(sl.bs + (warp * 16 + g + 8) * 4);
+    const uint32_t rg[4] = {wg.x, wg.y, wg.z, wg.w}, rh[4] = {wh.x, wh.y, wh.z, wh.w};
+    int pg[4], ph[4];  // values of the row before each word
+    pg[0] = ph[0] = 0;
+#pragma unroll
+    for (int q = 1; q < 4; ++q) {
+      pg[q] = pg[q - 1] + __popc(rg[q - 1]);
+      ph[q] = ph[q - 1] + __popc(rh[q - 1]);
+    }
+    const int cg = pg[3] + __popc(rg[3]), ch = ph[3] + __popc(rh[3]);
+    int incl = cg | (ch << 16);
+#pragma unroll
+    for (int d = 4; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    const int tot = __shfl_sync(0xffffffffu, incl, 28);
+    const int lo = tot & 0xffff;
+    const int base = (int)(off0 & 7);  // the slot starts at the first value's granule
+    const int bg = base + (incl & 0xffff) - cg;
+    const int bh = base + lo + (incl >> 16) - ch;
+    auto mma_all = [&](const auto& vals) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {  // k32 chunk c: k16 steps 2c, 2c + 1 = word c, halves
+        uint32_t a[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int b = 16 * h + 2 * t;
+          a[h][0] = frag_pair(rg[c], b, bg + pg[c], vals);
+          a[h][1] = frag_pair(rh[c], b, bh + ph[c], vals);
+          a[h][2] = frag_pair(rg[c], b + 8, bg + pg[c], vals);
+          a[h][3] = frag_pair(rh[c], b + 8, bh + ph[c], vals);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t bb[4];
+          const uint16_t* row = xs + (nt * 8 + (lane & 7)) * kSmemLd;
+          ldmatrix_x4(bb, smem_addr(row + c * 32 + 8 * (lane >> 3)));
+          mma_16816<T>(acc[0][nt], a[0], bb[0], bb[1]);
+          mma_16816<T>(acc[0][nt], a[1], bb[2], bb[3]);
+        }
+      }
+    };
+    if (staged_in_smem(off0, off1, lo + (tot >> 16), p.vcap)) {  // warp-uniform
+      mma_all(SmemValues{sl.vs + warp * p.vcap});
+    } else {
+      const int64_t g0 = off0 & ~int64_t(7);
+      mma_all(GlobalValues{p.values + g0, p.num_values - g0});
     }
   }
 
@@ -352,7 +440,6 @@ struct BitmapKernel {
 
   __device__ static void run(const BitmapParams& p) {
     extern __shared__ __align__(16) uint8_t smem[];
-    uint16_t* as = reinterpret_cast<uint16_t*>(smem + ring_bytes(p.vcap));
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp % WM, wn = warp / WM;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
@@ -368,20 +455,36 @@ struct BitmapKernel {
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
 
-    // (the barrier at the top of each stage also frees `as` from the previous stage)
-    for_each_stage(p, smem, m0, n0, st0, nst, tid, [&](const Slot& cur, int kt) {
-      decode(p, cur, as, m0, kt, tid);
-      __syncthreads();  // decoded tile visible to all warps
-      compute(cur.xs, as, wm, wn, lane, acc);
-    });
+    if constexpr (kFragA) {
+      static_assert(kTiles == kWarps, "one row tile per warp");
+      for_each_stage(p, smem, m0, n0, st0, nst, tid, [&](const Slot& cur, int kt) {
+        frag_stage(p, cur, cur.xs, m0, warp, kt, lane, acc);
+      });
+    } else {
+      // (the barrier at the top of each stage also frees `as` from the previous stage)
+      uint16_t* as = reinterpret_cast<uint16_t*>(smem + ring_bytes(p.vcap));
+      for_each_stage(p, smem, m0, n0, st0, nst, tid, [&](const Slot& cur, int kt) {
+        decode(p, cur, as, m0, kt, tid);
+        __syncthreads();  // decoded tile visible to all warps
+        compute(cur.xs, as, wm, wn, lane, acc);
+      });
+    }
     store_block<T, MT, NT, BM, BN, kThreads>(smem, acc, p.ep, wm, wn, m0, n0, tid);
   }
 };
 
-// Decode tiles (MT == 1) ask for 4 resident blocks per SM (<= 128 registers: without it,
-// ptxas chose 80 registers and spilled on sm_80); prefill tiles keep ptxas's choice.
+// Resident blocks per SM that a configuration's registers are budgeted for
+// (__launch_bounds__; the planner never counts on more).  Tiles of one m16 tile per warp
+// ask for 4 up to 32 tokens (<= 128 registers: without it ptxas chose 80 and spilled on
+// sm_80), 3 at 64 tokens and 2 at 128 (their accumulators spill at 128 registers); the
+// prefill tiles keep ptxas's choice (0).
+constexpr int bitmap_min_blocks(int mt, int nt) {
+  return mt != 1 ? 0 : (nt <= 4 ? 4 : (nt <= 8 ? 3 : 2));
+}
+
 template <typename T, int WM, int WN, int MT, int NT, int STAGES>
-__global__ void __launch_bounds__(WM* WN * 32, MT == 1 ? 4 : 0) bitmap_kernel(const BitmapParams p) {
+__global__ void __launch_bounds__(WM* WN * 32, bitmap_min_blocks(MT, NT))
+    bitmap_kernel(const BitmapParams p) {
   BitmapKernel<T, WM, WN, MT, NT, STAGES>::run(p);
 }
 
@@ -432,12 +535,13 @@ cudaError_t dispatch_gemv(const BitmapParams& p, const LaunchPlan& plan, cudaStr
   }
 }
 
-// Configuration table (4 warps each).  Up to 32 tokens: each warp owns one m16 tile of a
-// 64-row block and all of the block's tokens; a 4-deep ring keeps three stages of weight
-// bytes in flight (decode is bound by bytes in flight per SM, not by math).  Beyond:
-// 2 x 2 warps with 2 m16 tiles and 4 or 8 n8 tiles each (64 rows x 64 or 128 tokens), so
-// one decoded tile feeds up to 16 MMAs per warp and k16 step; their activation tiles are
-// large, so two stages.
+// Configuration table (4 warps each).  Up to 128 tokens: each warp owns one m16 tile of a
+// 64-row block and all of the block's tokens, building its A registers from the bitmap
+// (kFragA); up to 32 tokens a 4-deep ring keeps three stages of weight bytes in flight
+// (decode is bound by bytes in flight per SM, not by math), the 64- and 128-token tiles
+// have larger activation tiles, so three and two stages.  Beyond 128 tokens: 2 x 2 warps
+// with 2 m16 tiles and 8 n8 tiles each (64 rows x 128 tokens) sharing a decoded dense
+// tile, so one decode feeds 16 MMAs per warp and k16 step.
 struct BitmapConfig {
   int wm, wn, mt, nt, stages;
   int max_tokens;
@@ -447,15 +551,18 @@ constexpr BitmapConfig kBitmapConfigs[] = {
     {4, 1, 1, 1, 4, 8},
     {4, 1, 1, 2, 4, 16},
     {4, 1, 1, 4, 4, 32},
-    {2, 2, 2, 4, 2, 64},
+    {4, 1, 1, 8, 3, 64},
+    {4, 1, 1, 16, 2, 128},
     {2, 2, 2, 8, 2, 1 << 30},
 };
 constexpr int kNumBitmapConfigs = sizeof(kBitmapConfigs) / sizeof(kBitmapConfigs[0]);
 
+// Same arithmetic as BitmapKernel::smem_bytes (launch_planned checks that they agree).
 int bitmap_smem_bytes(const BitmapConfig& c, int vcap) {
   const int bm = c.wm * c.mt * 16, bn = c.wn * c.nt * 8;
   const int slot = bn * kSmemLd * 2 + (bm / 16) * vcap * 2 + bm * 4 * 4;
-  const int main_bytes = c.stages * slot + bm * kSmemLd * 2;
+  const bool frag_a = c.wn == 1 && c.mt == 1;  // no dense tile (BitmapKernel::kFragA)
+  const int main_bytes = c.stages * slot + (frag_a ? 0 : bm * kSmemLd * 2);
   const int cb = bn * (bm + 4) * 4;
   return main_bytes > cb ? main_bytes : cb;
 }
@@ -475,8 +582,9 @@ cudaError_t dispatch_bitmap(const BitmapParams& p, const LaunchPlan& plan, cudaS
     case 0: return launch_bitmap<T, 4, 1, 1, 1, 4>(p, plan, stream);
     case 1: return launch_bitmap<T, 4, 1, 1, 2, 4>(p, plan, stream);
     case 2: return launch_bitmap<T, 4, 1, 1, 4, 4>(p, plan, stream);
-    case 3: return launch_bitmap<T, 2, 2, 2, 4, 2>(p, plan, stream);
-    case 4: return launch_bitmap<T, 2, 2, 2, 8, 2>(p, plan, stream);
+    case 3: return launch_bitmap<T, 4, 1, 1, 8, 3>(p, plan, stream);
+    case 4: return launch_bitmap<T, 4, 1, 1, 16, 2>(p, plan, stream);
+    case 5: return launch_bitmap<T, 2, 2, 2, 8, 2>(p, plan, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -543,7 +651,9 @@ cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int64_t max_t
   out.config = ci;
   out.block_m = c.wm * c.mt * 16;
   out.block_n = c.wn * c.nt * 8;
-  finish_plan(T, N, K, requested_splits, bitmap_smem_bytes(c, vcap), 4, lim, &out);
+  const int min_blocks = bitmap_min_blocks(c.mt, c.nt);
+  finish_plan(T, N, K, requested_splits, bitmap_smem_bytes(c, vcap),
+              min_blocks > 0 ? min_blocks : 4, lim, &out);
   *plan = out;
   return cudaSuccess;
 }

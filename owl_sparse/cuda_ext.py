@@ -1,7 +1,8 @@
 """The CUDA extension (csrc/): loading, and its backends for the dispatch table.
 
 Kernels: ``cuda_sp`` (2:4 on sparse tensor cores, ``mma.sp`` m16n8k32), ``cuda_mma``
-(bitmap tiles decoded in shared memory, ``mma.sync`` m16n8k16) and ``cuda_gemv`` (bitmap on
+(bitmap on ``mma.sync`` m16n8k16: A registers built from the bitmap per lane up to 32
+tokens, tiles decoded into shared memory beyond) and ``cuda_gemv`` (bitmap on
 CUDA cores for 1-8 tokens, work per kept weight; more tokens go to ``cuda_mma``); fp16 /
 bf16, sm_80+.
 

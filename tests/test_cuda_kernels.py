@@ -231,6 +231,10 @@ def test_decode_plan_fills_the_gpu(ext):
     assert plan["block_n"] == 8 and plan["splits"] > 1
     assert plan["grid_m"] * plan["grid_n"] * plan["splits"] >= sms
     assert ext.plan("bitmap", 512, 4096, 4096)["block_n"] == 128
+    # register-built A tiles (one m16 tile per warp) up to 128 tokens: 64 rows per block
+    for t, block_n in ((16, 16), (40, 64), (100, 128)):
+        plan = ext.plan("bitmap", t, 4096, 4096)
+        assert (plan["block_m"], plan["block_n"]) == (64, block_n), plan
 
 
 def test_sparse24_prefill_tile(ext):

@@ -308,7 +308,11 @@ def random_bitmap(n: int, k: int, density: float, seed: int) -> BitmapWeight:
 
 
 def emulate_bitmap(x, p: BitmapWeight, wm_n, wn_n, mt_n, nt_n, splits):
-    """csrc/bitmap_mma.cu, block by block; decode follows the lane algorithm exactly."""
+    """csrc/bitmap_mma.cu, block by block; decode follows the lane algorithm exactly: the
+    dense shared tile of the prefill configurations, or (one m16 tile per warp, WN == 1)
+    the A registers each lane builds straight from the bitmap (frag_stage)."""
+    if wn_n == 1 and mt_n == 1:
+        return emulate_bitmap_frag(x, p, wm_n, nt_n, splits)
     n, t_tok = p.N, x.shape[0]
     np_, kp = p.padded_shape
     m_tiles, k_stages = np_ // 16, kp // 128
@@ -352,6 +356,104 @@ def emulate_bitmap(x, p: BitmapWeight, wm_n, wn_n, mt_n, nt_n, splits):
     return y
 
 
+def staged_values(vals, off0, off1):
+    """A tile's shared value slot: its granules from the one holding off0 on, clipped at
+    the end of the values array like the cp.async source size."""
+    g0 = off0 >> 3
+    g1 = min((off1 + 7) >> 3, g0 + 257)
+    vs = torch.zeros(2056, dtype=torch.float64)
+    chunk = vals[g0 * 8 : g1 * 8]
+    vs[: chunk.numel()] = chunk
+    return vs
+
+
+def popcount(w: int) -> int:
+    return bin(w).count("1")
+
+
+def frag_tile(words, offs, vals, rt, kt, m_tiles, k_stages):
+    """frag_stage: the A registers of row tile rt, tile column kt, per k32 chunk c and k16
+    half h as a [32 lanes, 8] tensor (registers a0..a3 as pairs); None when the warp skips
+    the stage (past the last row tile, or an empty tile)."""
+    if rt >= m_tiles:
+        return None
+    off0, off1 = offs[rt * k_stages + kt], offs[rt * k_stages + kt + 1]
+    if off0 < 0 or off1 <= off0:
+        return None
+    vs = staged_values(vals, off0, off1)
+    rows = [[int(words[rt * 16 + r, 4 * kt + q]) for q in range(4)] for r in range(16)]
+    pre, cnt = [], []
+    for lane in range(32):
+        g, _ = lane_gt(lane)
+        pg = [sum(popcount(w) for w in rows[g][:q]) for q in range(4)]
+        ph = [sum(popcount(w) for w in rows[g + 8][:q]) for q in range(4)]
+        pre.append((pg, ph))
+        cnt.append((sum(map(popcount, rows[g])), sum(map(popcount, rows[g + 8]))))
+    incl = [cg | (ch << 16) for cg, ch in cnt]
+    for d in (4, 8, 16):  # __shfl_up_sync scan over the lanes
+        incl = [incl[ln] + (incl[ln - d] if ln >= d else 0) for ln in range(32)]
+    tot = incl[28]
+    lo = tot & 0xFFFF
+    assert lo + (tot >> 16) == off1 - off0  # a consistent weight reads its shared slot
+
+    def pair(w, b, r0):
+        s = w >> b
+        r = r0 + popcount(w & ((1 << b) - 1))
+        v0 = vs[r] if s & 1 else 0.0
+        v1 = vs[r + (s & 1)] if s & 2 else 0.0
+        return [v0, v1]
+
+    frags = [[torch.zeros(32, 8, dtype=torch.float64) for _ in range(2)] for _ in range(4)]
+    for lane in range(32):
+        g, t = lane_gt(lane)
+        (pg, ph), (cg, ch) = pre[lane], cnt[lane]
+        bg = (off0 & 7) + (incl[lane] & 0xFFFF) - cg
+        bh = (off0 & 7) + lo + (incl[lane] >> 16) - ch
+        for c in range(4):
+            for h in range(2):
+                b = 16 * h + 2 * t
+                regs = (
+                    pair(rows[g][c], b, bg + pg[c]),
+                    pair(rows[g + 8][c], b, bh + ph[c]),
+                    pair(rows[g][c], b + 8, bg + pg[c]),
+                    pair(rows[g + 8][c], b + 8, bh + ph[c]),
+                )
+                frags[c][h][lane] = torch.tensor([v for r in regs for v in r])
+    return frags
+
+
+def emulate_bitmap_frag(x, p: BitmapWeight, n_warps, nt_n, splits):
+    """The decode configurations: warp w multiplies row tile w of its block."""
+    n, t_tok = p.N, x.shape[0]
+    np_, kp = p.padded_shape
+    m_tiles, k_stages = np_ // 16, kp // 128
+    bm, bn = n_warps * 16, nt_n * 8
+    words = p.bitmap.to(torch.int64) & 0xFFFFFFFF
+    offs, vals = p.tile_offsets.tolist(), p.values.double()
+    y = torch.zeros(t_tok, n, dtype=torch.float64)
+    for bx in range(-(-n // bm)):
+        for by in range(-(-t_tok // bn)):
+            for st0, st1 in split_ranges(k_stages, splits):
+                for warp in range(n_warps):
+                    acc = torch.zeros(1, nt_n, 32, 4, dtype=torch.float64)
+                    for kt in range(st0, st1):
+                        frags = frag_tile(
+                            words, offs, vals, bx * bm // 16 + warp, kt, m_tiles, k_stages
+                        )
+                        if frags is None:
+                            continue
+                        xs = x_stage(x, by * bn, bn, kt)
+                        for c in range(4):
+                            for nt in range(nt_n):
+                                rows = [nt * 8 + (ln & 7) for ln in range(32)]
+                                cols = [c * 32 + 8 * (ln >> 3) for ln in range(32)]
+                                b = ldmatrix_x4(xs, rows, cols)
+                                acc[0, nt] += mma_16816(frags[c][0], b[:, 0:4])
+                                acc[0, nt] += mma_16816(frags[c][1], b[:, 4:8])
+                    store_tile(y, acc, bx * bm, by * bn, warp, 0, 1, nt_n)
+    return y
+
+
 def decode_tile(a_s, words, offs, vals, m0, ti, kt, m_tiles, k_stages):
     """One warp decoding row tile ti of tile column kt into a_s (lane algorithm)."""
     rt = m0 // 16 + ti
@@ -361,11 +463,7 @@ def decode_tile(a_s, words, offs, vals, m0, ti, kt, m_tiles, k_stages):
     if off1 <= off0:
         a_s[ti * 16 : ti * 16 + 16, :128] = 0.0
         return
-    g0 = off0 >> 3
-    g1 = min((off1 + 7) >> 3, g0 + 257)
-    vs = torch.zeros(2056, dtype=torch.float64)
-    chunk = vals[g0 * 8 : g1 * 8]  # clipped at num_values like the cp.async src size
-    vs[: chunk.numel()] = chunk
+    vs = staged_values(vals, off0, off1)
     lane_words = []
     for lane in range(32):
         rr, wc = lane >> 1, (lane & 1) * 2
@@ -390,7 +488,9 @@ def decode_tile(a_s, words, offs, vals, m0, ti, kt, m_tiles, k_stages):
     [
         (40, 300, 5, 0.3, (4, 1, 1, 1), 1),  # partial tiles in N and K, empty row + tile
         (33, 256, 9, 0.5, (4, 1, 1, 2), 2),  # split-K
-        (20, 128, 3, 0.9, (2, 2, 2, 4), 1),  # prefill config, dense-ish tiles
+        (70, 260, 20, 1.0, (4, 1, 1, 4), 1),  # full tiles (row sums up to 1024), 2 blocks
+        (20, 128, 3, 0.9, (2, 2, 2, 8), 1),  # prefill config, dense-ish tiles
+        (40, 256, 70, 0.3, (4, 1, 1, 16), 2),  # 128-token register tile, split-K
     ],
 )
 def test_bitmap_kernel_emulation_matches_dense(n, k, t, density, cfg, splits):
