@@ -38,8 +38,9 @@ def _cuda_extensions():
     """Return (extensions, cmdclass); empty when the CUDA extension cannot be built here.
 
     Built only with a CUDA build of torch and nvcc on PATH (or CUDA_HOME).  Each arch gets
-    SASS (sm_XX); the newest also gets PTX (compute_XX) so newer GPUs can JIT it.  The
-    kernels use no sm_90a-only instructions, so plain sm_90 is enough on Hopper.
+    SASS (sm_XX); the newest also gets PTX (compute_XX) so newer GPUs can JIT it.  Hopper
+    (90) gets sm_90a SASS instead of sm_90, and OWL_SPARSE_SM90A is defined: the 2:4 wgmma
+    kernel (csrc/sparse24_wgmma.cuh) exists only there; the PTX stays plain compute_XX.
     """
     if os.environ.get("OWL_SPARSE_SKIP_CUDA_BUILD", "0") == "1":
         return [], {}
@@ -60,7 +61,10 @@ def _cuda_extensions():
     archs = _cuda_archs()
     gencode = []
     for arch in archs:
-        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        if arch == "90":
+            gencode += ["-gencode", "arch=compute_90a,code=sm_90a", "-DOWL_SPARSE_SM90A"]
+        else:
+            gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     if archs:
         gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
     threads = os.environ.get("OWL_SPARSE_NVCC_THREADS", "4")

@@ -109,6 +109,8 @@ def _contenders(fmt: str, tokens: int, only: list[str] | None) -> list[str]:
             continue  # the dense backend is cuBLAS; GEMV kernels are for decode sizes
         if name == "cuda_gemv" and tokens > 8:
             continue  # beyond 8 tokens that backend runs cuda_mma (timed on its own)
+        if name == "cuda_sp_wgmma" and tokens < 33:
+            continue  # below 33 tokens that backend runs cuda_sp (timed on its own)
         names.append(name)
     return [n for n in names if only is None or n in only or n == "cublas"]
 

@@ -5,8 +5,9 @@ slows kernels down by orders of magnitude: the shapes are tiny but cover decode 
 prefill tile configurations, partial row / token / K tiles, forced split-K (the
 cross-block reduction), K % 8 == 4, K % 4 != 0 (bitmap), empty rows, all-zero tiles,
 bias and no bias, fp16 and bf16, bitmap tiles staged in shared memory and read from
-global memory.  Each result is also checked against an fp64 reference
-(loosely: the GPU tests hold the tight tolerances), so a silent wrong answer fails too.
+global memory, and the 2:4 wgmma kernel where the GPU has it.  Each result is also
+checked against an fp64 reference (loosely: the GPU tests hold the tight tolerances), so
+a silent wrong answer fails too.
 
 Usage: ``compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitize_cuda.py``
 """
@@ -50,6 +51,7 @@ def run(verbose: bool) -> int:
         print(f"CUDA extension unavailable: {cuda_ext.status()}", file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(0)
+    wgmma = cuda_ext.sparse24_wgmma_config()
     failures = 0
     n_runs = 0
     for dtype in (torch.float16, torch.bfloat16):
@@ -77,6 +79,8 @@ def run(verbose: bool) -> int:
                 m24 &= m24.cumsum(-1) <= 2  # keep at most 2 per group
                 p24 = Sparse24Weight.from_dense(w, m24.view(n, k)).to("cuda")
                 packs.append(("2:4", p24, cuda_ext.sparse24_mm))
+                if wgmma >= 0 and t >= cuda_ext.WGMMA_MIN_TOKENS:  # Hopper's wgmma.sp
+                    packs.append(("2:4-wgmma", p24, partial(cuda_ext.sparse24_mm, config=wgmma)))
             for name, packed, fn in packs:
                 y = fn(x, packed, bias, split_k=split)
                 torch.cuda.synchronize()

@@ -94,9 +94,11 @@ def targets(kernels, e2e, env: dict) -> list[list]:
         1.6,
     )
     add(
-        "2:4 prefill (>= 2048 tok) speed-up >= 1.15x, CUDA mma.sp (worst shape)",
+        "2:4 prefill (>= 2048 tok) speed-up >= 1.15x, CUDA mma.sp / wgmma.sp (worst shape)",
         _worst_best(
-            _kernel_rows(kernels, contenders={"cuda_sp"}, fmt="2:4", tokens=(2048, 1 << 30))
+            _kernel_rows(
+                kernels, contenders={"cuda_sp", "cuda_sp_wgmma"}, fmt="2:4", tokens=(2048, 1 << 30)
+            )
         ),
         1.15,
     )

@@ -2,16 +2,21 @@
 // shapes), allocates the output and the split-K workspace, launches on the current
 // stream.  Registered as internal ops of the library `owl_sparse_C`; the public ops
 // (owl_sparse::bitmap_linear / sparse24_linear) reach them through the dispatch table
-// (owl_sparse/cuda_ext.py registers the backends "cuda_mma" and "cuda_sp").
+// (owl_sparse/cuda_ext.py registers the backends "cuda_mma", "cuda_gemv", "cuda_sp" and
+// "cuda_sp_wgmma").
 //
-//   owl_sparse_C::sparse24_mm(x, values_mma, meta_mma, n, k, bias=None, split_k=0) -> y
+//   owl_sparse_C::sparse24_mm(x, values_mma, meta_mma, n, k, bias=None, split_k=0,
+//                             config=-1) -> y
 //   owl_sparse_C::bitmap_mm(x, bitmap, values, tile_offsets, n, k, bias=None, split_k=0,
 //                           max_tile_values=-1) -> y
 //   owl_sparse_C::bitmap_gemv(same arguments as bitmap_mm; x of 1 to 8 tokens) -> y
-//   owl_sparse_C::plan(kind, t, n, k, split_k, max_tile_values=-1) -> [config, block_m,
-//                                                   block_n, grid_m, grid_n, splits, smem_bytes]
+//   owl_sparse_C::plan(kind, t, n, k, split_k, max_tile_values=-1, config=-1) -> [config,
+//                                        block_m, block_n, grid_m, grid_n, splits, smem_bytes]
+//   owl_sparse_C::sparse24_wgmma_config() -> the wgmma configuration's index here, or -1
 //
 // split_k = 0 chooses automatically; > 0 forces that many K splits (tests, benchmarks).
+// config = -1 chooses the 2:4 configuration automatically (never the wgmma one); >= 0 asks
+// for that one, which must run on this device as it is.
 // max_tile_values: the most values any 16 x 128 tile of the bitmap weight holds (< 0:
 // unknown).  A speed hint only: it sizes the kernel's shared buffers, and a tile that
 // holds more is read from global memory, never truncated.
@@ -129,7 +134,7 @@ Workspace make_workspace(const owl::LaunchPlan& plan, const at::Tensor& x) {
 
 at::Tensor sparse24_mm(const at::Tensor& x_in, const at::Tensor& values_mma,
                        const at::Tensor& meta_mma, int64_t n, int64_t k,
-                       const c10::optional<at::Tensor>& bias, int64_t split_k) {
+                       const c10::optional<at::Tensor>& bias, int64_t split_k, int64_t config) {
   const char* op = "owl_sparse_C::sparse24_mm";
   const owl::DType dt = check_x(x_in, n, k, op);
   OWL_CHECK(k % 4 == 0, op, ": 2:4 needs K % 4 == 0, got K=", k);
@@ -160,9 +165,9 @@ at::Tensor sparse24_mm(const at::Tensor& x_in, const at::Tensor& values_mma,
 
   owl::LaunchPlan plan;
   cudaError_t err = owl::sparse24_plan((int)t, (int)n, (int)k, (int)split_k,
-                                       x.device().index(), &plan);
+                                       x.device().index(), &plan, (int)config);
   OWL_CHECK(err == cudaSuccess, op, ": planning failed for x ", shape_str(x), ", weight [", n,
-              ", ", k, "]: ", cudaGetErrorString(err));
+              ", ", k, "], config ", config, ": ", cudaGetErrorString(err));
   Workspace ws = make_workspace(plan, x);
   owl::Sparse24Args a;
   a.x = x.data_ptr();
@@ -275,13 +280,13 @@ at::Tensor bitmap_gemv(const at::Tensor& x, const at::Tensor& bitmap, const at::
 }
 
 std::vector<int64_t> plan_op(const std::string& kind, int64_t t, int64_t n, int64_t k,
-                             int64_t split_k, int64_t max_tile_values) {
+                             int64_t split_k, int64_t max_tile_values, int64_t config) {
   int device = 0;
   OWL_CHECK(cudaGetDevice(&device) == cudaSuccess, "owl_sparse_C::plan: no CUDA device");
   owl::LaunchPlan p;
   cudaError_t err;
   if (kind == "sparse24") {
-    err = owl::sparse24_plan((int)t, (int)n, (int)k, (int)split_k, device, &p);
+    err = owl::sparse24_plan((int)t, (int)n, (int)k, (int)split_k, device, &p, (int)config);
   } else if (kind == "bitmap" || kind == "bitmap_gemv") {
     err = (kind == "bitmap" ? owl::bitmap_plan : owl::bitmap_gemv_plan)(
         (int)t, (int)n, (int)((k + 3) / 4 * 4), (int)split_k, max_tile_values, device, &p);
@@ -294,9 +299,18 @@ std::vector<int64_t> plan_op(const std::string& kind, int64_t t, int64_t n, int6
   return {p.config, p.block_m, p.block_n, p.grid_m, p.grid_n, p.splits, p.smem_bytes};
 }
 
+// The wgmma.sp configuration's index on the current device, or -1 (not an sm_90a build,
+// or not a compute capability 9.0 GPU).
+int64_t sparse24_wgmma_config_op() {
+  int device = 0;
+  OWL_CHECK(cudaGetDevice(&device) == cudaSuccess,
+            "owl_sparse_C::sparse24_wgmma_config: no CUDA device");
+  return owl::sparse24_wgmma_config(device);
+}
+
 // Shape-only implementations for tracing (torch.compile, fake tensors).
 at::Tensor sparse24_mm_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, int64_t n,
-                            int64_t, const c10::optional<at::Tensor>&, int64_t) {
+                            int64_t, const c10::optional<at::Tensor>&, int64_t, int64_t) {
   return at::empty({x.size(0), n}, x.options());
 }
 
@@ -311,15 +325,18 @@ at::Tensor bitmap_mm_meta(const at::Tensor& x, const at::Tensor&, const at::Tens
 TORCH_LIBRARY(owl_sparse_C, m) {
   m.def(
       "sparse24_mm(Tensor x, Tensor values_mma, Tensor meta_mma, int n, int k, "
-      "Tensor? bias=None, int split_k=0) -> Tensor");
+      "Tensor? bias=None, int split_k=0, int config=-1) -> Tensor");
   m.def(
       "bitmap_mm(Tensor x, Tensor bitmap, Tensor values, Tensor tile_offsets, int n, int k, "
       "Tensor? bias=None, int split_k=0, int max_tile_values=-1) -> Tensor");
   m.def(
       "bitmap_gemv(Tensor x, Tensor bitmap, Tensor values, Tensor tile_offsets, int n, int k, "
       "Tensor? bias=None, int split_k=0, int max_tile_values=-1) -> Tensor");
-  m.def("plan(str kind, int t, int n, int k, int split_k=0, int max_tile_values=-1) -> int[]",
-        &plan_op);
+  m.def(
+      "plan(str kind, int t, int n, int k, int split_k=0, int max_tile_values=-1, "
+      "int config=-1) -> int[]",
+      &plan_op);
+  m.def("sparse24_wgmma_config() -> int", &sparse24_wgmma_config_op);
 }
 
 TORCH_LIBRARY_IMPL(owl_sparse_C, CUDA, m) {

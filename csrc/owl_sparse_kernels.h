@@ -64,8 +64,14 @@ struct Sparse24Args {
 // (fill the multiprocessors); > 0 forces that many splits (clamped to the K stages),
 // used by tests to exercise the split-K reduction.  Returns cudaSuccess or the error of
 // the device query.
+// `config` >= 0 asks for that configuration (tests, and the wgmma backend): it must run
+// on this device as it is (cudaErrorNotSupported otherwise), it is never swapped.
 cudaError_t sparse24_plan(int T, int N, int K, int requested_splits, int device,
-                          LaunchPlan* plan);
+                          LaunchPlan* plan, int config = -1);
+
+// The index of the wgmma.sp configuration (Hopper's warpgroup sparse tensor cores) when
+// this build has sm_90a machine code and `device` is compute capability 9.0, else -1.
+int sparse24_wgmma_config(int device);
 cudaError_t sparse24_run(const Sparse24Args& args, const LaunchPlan& plan,
                          cudaStream_t stream);
 

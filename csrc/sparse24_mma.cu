@@ -46,6 +46,32 @@ struct Sp24Params {
   bool vec16;  // K % 8 == 0: 16-byte cp.async for x
 };
 
+// Copies of stage `st` of the weights into shared memory (prefill tiles): for each of the
+// block's kTilesM m16 tiles from `mtb` on, its 2 KB of fragments to `as` ([tile][4 chunks]
+// [32 lanes] x 16 bytes) and its 256 bytes of metadata to `ms` ([tile][32 lanes] x 8
+// bytes), both contiguous in global memory.  Tiles past the last row tile are zero-filled.
+template <int kTilesM, int kThreads>
+__device__ __forceinline__ void load_a_stage(const Sp24Params& p, uint8_t* as, uint8_t* ms,
+                                             int mtb, int st, int tid) {
+  constexpr int kAGran = 4 * 32;  // 16-byte granules per m tile and stage
+  for (int idx = tid; idx < kTilesM * kAGran; idx += kThreads) {
+    const int ti = idx / kAGran, q = idx % kAGran;
+    const int mt = mtb + ti;
+    const bool ok = mt < p.m_tiles;
+    const uint4* src =
+        ok ? p.values + ((int64_t)mt * p.k_stages * 4 + st * 4) * 32 + q : p.values;
+    cp_async16(smem_addr(as + idx * 16), src, ok ? 16 : 0);
+  }
+  constexpr int kMGran = 32 * 8 / 16;
+  for (int idx = tid; idx < kTilesM * kMGran; idx += kThreads) {
+    const int ti = idx / kMGran, q = idx % kMGran;
+    const int mt = mtb + ti;
+    const bool ok = mt < p.m_tiles;
+    const uint2* src = ok ? p.meta + ((int64_t)mt * p.k_stages + st) * 32 + 2 * q : p.meta;
+    cp_async16(smem_addr(ms + idx * 16), src, ok ? 16 : 0);
+  }
+}
+
 template <int MT>
 struct AFrag {
   uint4 v[MT][4];  // [m tile][chunk]
@@ -117,32 +143,13 @@ struct Sp24Kernel {
     }
   }
 
-  // Copies of stage `st` into ring slot `slot` (A_SMEM): activations, then for each of the
-  // block's m tiles its 2 KB of fragments and 256 bytes of metadata (contiguous in global
-  // memory).  Tiles past the last row tile are zero-filled (and never multiplied).
+  // Copies of stage `st` into ring slot `slot` (A_SMEM): activations, then the block's
+  // weight fragments and metadata (load_a_stage).
   __device__ static void load_stage(const Sp24Params& p, uint8_t* slot, int mtb, int n0, int st,
                                     int tid) {
     load_x_stage<BN, kThreads>(reinterpret_cast<uint16_t*>(slot), p.x, p.T, p.K, n0,
                                st * kStageK, p.vec16, tid);
-    uint8_t* as = slot + kXBytes;
-    uint8_t* ms = as + kABytes;
-    constexpr int kAGran = 4 * 32;  // 16-byte granules per m tile and stage
-    for (int idx = tid; idx < kTilesM * kAGran; idx += kThreads) {
-      const int ti = idx / kAGran, q = idx % kAGran;
-      const int mt = mtb + ti;
-      const bool ok = mt < p.m_tiles;
-      const uint4* src = ok ? p.values + ((int64_t)mt * p.k_stages * 4 + st * 4) * 32 + q
-                            : p.values;
-      cp_async16(smem_addr(as + idx * 16), src, ok ? 16 : 0);
-    }
-    constexpr int kMGran = 32 * 8 / 16;
-    for (int idx = tid; idx < kTilesM * kMGran; idx += kThreads) {
-      const int ti = idx / kMGran, q = idx % kMGran;
-      const int mt = mtb + ti;
-      const bool ok = mt < p.m_tiles;
-      const uint2* src = ok ? p.meta + ((int64_t)mt * p.k_stages + st) * 32 + 2 * q : p.meta;
-      cp_async16(smem_addr(ms + idx * 16), src, ok ? 16 : 0);
-    }
+    load_a_stage<kTilesM, kThreads>(p, slot + kXBytes, slot + kXBytes + kABytes, mtb, st, tid);
   }
 
   template <typename Frags>
@@ -264,6 +271,14 @@ __global__ void __launch_bounds__(WM* WN * 32, A_SMEM ? 1 : 0)
   Sp24Kernel<T, WM, WN, MT, NT, STAGES, A_SMEM>::run(p);
 }
 
+}  // namespace
+}  // namespace owl
+
+#include "sparse24_wgmma.cuh"
+
+namespace owl {
+namespace {
+
 // Configuration table.  Decode / small batches (<= 32 tokens): 4 warps stacked along N,
 // one m16 tile each, weights from global memory into registers, the whole block shares one
 // token tile; NT grows with T so the weights (the bytes that matter) are read once per 8,
@@ -271,35 +286,67 @@ __global__ void __launch_bounds__(WM* WN * 32, A_SMEM ? 1 : 0)
 // tokens per block, weights staged in shared memory), three stages where shared memory
 // allows (227 KB on sm_90), else two (sm_80's 163 KB); split-K fills the GPU when the
 // grid of tiles is small.  A device with less shared memory falls back along `fallback`.
+// The wgmma configuration (sm_90a builds on compute capability 9.0 only) is never chosen
+// automatically: callers ask for it by index (backend "cuda_sp_wgmma", chosen only where
+// the dispatch table measured it correct and faster).
+enum class Sp24Kind : int { kRegA, kSmemA, kWgmma };
+
 struct Sp24Config {
-  int wm, wn, mt, nt, stages;
-  bool a_smem;
-  int max_tokens;  // use this config up to this many tokens
+  Sp24Kind kind;
+  int wm, wn, mt, nt, stages;  // kWgmma: wm warpgroups of mt m16 tiles, nt n8 tiles
+  int max_tokens;  // automatic choice: use this config up to this many tokens
   int fallback;    // the config to try where this one's shared memory does not fit
 };
 
 constexpr Sp24Config kSp24Configs[] = {
-    {4, 1, 1, 1, 3, false, 8, -1},
-    {4, 1, 1, 2, 3, false, 16, 0},
-    {4, 1, 1, 4, 3, false, 32, 1},
-    {4, 2, 4, 8, 3, true, 1 << 30, 4},
-    {4, 2, 4, 8, 2, true, 1 << 30, 2},
+    {Sp24Kind::kRegA, 4, 1, 1, 1, 3, 8, -1},
+    {Sp24Kind::kRegA, 4, 1, 1, 2, 3, 16, 0},
+    {Sp24Kind::kRegA, 4, 1, 1, 4, 3, 32, 1},
+    {Sp24Kind::kSmemA, 4, 2, 4, 8, 3, 1 << 30, 4},
+    {Sp24Kind::kSmemA, 4, 2, 4, 8, 2, 1 << 30, 2},
+    {Sp24Kind::kWgmma, 2, 1, 8, 16, 3, 0, -1},
 };
 constexpr int kNumSp24Configs = sizeof(kSp24Configs) / sizeof(kSp24Configs[0]);
-constexpr int kFirstPrefillConfig = 3;
+constexpr int kWgmmaConfig = 5;
+
+bool sp24_prefill(const Sp24Config& c) { return c.kind != Sp24Kind::kRegA; }
+
+// Same arithmetic as Sp24Kernel / Sp24WgmmaKernel::kSmemBytes (the launch checks it).
+int sp24_smem_bytes(const Sp24Config& c) {
+  const int bm = c.wm * c.mt * 16, bn = c.wn * c.nt * 8, tiles = bm / 16;
+  const int x_bytes = c.kind == Sp24Kind::kWgmma ? bn * kStageK * 2 : bn * kSmemLd * 2;
+  const int slot = x_bytes + (sp24_prefill(c) ? tiles * (4 * 32 * 16 + 32 * 8) : 0);
+  const int ring = c.stages * slot, cb = bn * (bm + 4) * 4;
+  return ring > cb ? ring : cb;
+}
+
+template <typename Kernel>
+cudaError_t launch_checked(Kernel* fn, int threads, int smem, const Sp24Params& p,
+                           const LaunchPlan& plan, std::atomic<unsigned long long>& smem_set,
+                           cudaStream_t stream) {
+  if (plan.smem_bytes != smem) return cudaErrorInvalidValue;  // a plan of another config
+  const cudaError_t err = allow_smem(fn, smem, smem_set);
+  if (err != cudaSuccess) return err;
+  dim3 grid(plan.grid_m, plan.grid_n, plan.splits);
+  fn<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
 
 template <typename T, int WM, int WN, int MT, int NT, int STAGES, bool A_SMEM>
 cudaError_t launch_sp24(const Sp24Params& p, const LaunchPlan& plan, cudaStream_t stream) {
   using K = Sp24Kernel<T, WM, WN, MT, NT, STAGES, A_SMEM>;
   static_assert(A_SMEM || MT == 1, "the register path holds one m16 tile per warp");
-  auto* fn = &sp24_kernel<T, WM, WN, MT, NT, STAGES, A_SMEM>;
   static std::atomic<unsigned long long> smem_set{0};
-  if (plan.smem_bytes != K::kSmemBytes) return cudaErrorInvalidValue;  // another config
-  const cudaError_t err = allow_smem(fn, K::kSmemBytes, smem_set);
-  if (err != cudaSuccess) return err;
-  dim3 grid(plan.grid_m, plan.grid_n, plan.splits);
-  fn<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_checked(&sp24_kernel<T, WM, WN, MT, NT, STAGES, A_SMEM>, K::kThreads,
+                        K::kSmemBytes, p, plan, smem_set, stream);
+}
+
+template <typename T, int STAGES>
+cudaError_t launch_sp24_wgmma(const Sp24Params& p, const LaunchPlan& plan, cudaStream_t stream) {
+  using K = Sp24WgmmaKernel<T, STAGES>;
+  static std::atomic<unsigned long long> smem_set{0};
+  return launch_checked(&sp24_wgmma_kernel<T, STAGES>, K::kThreads, K::kSmemBytes, p, plan,
+                        smem_set, stream);
 }
 
 template <typename T>
@@ -310,32 +357,48 @@ cudaError_t dispatch_sp24(const Sp24Params& p, const LaunchPlan& plan, cudaStrea
     case 2: return launch_sp24<T, 4, 1, 1, 4, 3, false>(p, plan, stream);
     case 3: return launch_sp24<T, 4, 2, 4, 8, 3, true>(p, plan, stream);
     case 4: return launch_sp24<T, 4, 2, 4, 8, 2, true>(p, plan, stream);
+    case kWgmmaConfig: return launch_sp24_wgmma<T, 3>(p, plan, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
-// Same arithmetic as Sp24Kernel::kSmemBytes (launch_sp24 checks that they agree).
-int sp24_smem_bytes(const Sp24Config& c) {
-  const int bm = c.wm * c.mt * 16, bn = c.wn * c.nt * 8, tiles = bm / 16;
-  const int slot = bn * kSmemLd * 2 + (c.a_smem ? tiles * (4 * 32 * 16 + 32 * 8) : 0);
-  const int ring = c.stages * slot, cb = bn * (bm + 4) * 4;
-  return ring > cb ? ring : cb;
+bool wgmma_available(int device) {
+#if defined(OWL_SPARSE_SM90A)
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;
+#else
+  (void)device;
+  return false;
+#endif
 }
 
 }  // namespace
 
+int sparse24_wgmma_config(int device) { return wgmma_available(device) ? kWgmmaConfig : -1; }
+
 cudaError_t sparse24_plan(int T, int N, int K, int requested_splits, int device,
-                          LaunchPlan* plan) {
+                          LaunchPlan* plan, int config) {
   if (T <= 0 || N <= 0 || K <= 0 || K % 4 != 0) return cudaErrorInvalidValue;
+  if (config >= kNumSp24Configs) return cudaErrorInvalidValue;
   DeviceLimits lim;
   cudaError_t err = device_limits(device, &lim);
   if (err != cudaSuccess) return err;
-  int ci = 0;
-  while (ci + 1 < kNumSp24Configs && T > kSp24Configs[ci].max_tokens) ++ci;
-  // Fall back to smaller tiles where the device has less shared memory.
-  while (ci > 0 && sp24_smem_bytes(kSp24Configs[ci]) > lim.max_smem_optin)
-    ci = kSp24Configs[ci].fallback;
-  if (ci < 0) ci = 0;
+  int ci = config;
+  if (ci < 0) {
+    ci = 0;
+    while (ci + 1 < kNumSp24Configs && T > kSp24Configs[ci].max_tokens) ++ci;
+    // Fall back to smaller tiles where the device has less shared memory.
+    while (ci > 0 && sp24_smem_bytes(kSp24Configs[ci]) > lim.max_smem_optin)
+      ci = kSp24Configs[ci].fallback;
+    if (ci < 0) ci = 0;
+  } else {  // asked for by index: it must run here as it is
+    if (kSp24Configs[ci].kind == Sp24Kind::kWgmma && !wgmma_available(device))
+      return cudaErrorNotSupported;
+    if (sp24_smem_bytes(kSp24Configs[ci]) > lim.max_smem_optin) return cudaErrorNotSupported;
+  }
   const Sp24Config& c = kSp24Configs[ci];
   LaunchPlan out;
   out.config = ci;
@@ -345,10 +408,10 @@ cudaError_t sparse24_plan(int T, int N, int K, int requested_splits, int device,
   out.grid_n = (T + out.block_n - 1) / out.block_n;
   out.smem_bytes = sp24_smem_bytes(c);
   const int k_stages = (K + kStageK - 1) / kStageK;
-  // Decode tiles: many blocks fit per SM; aim for 4 per SM.  The prefill tile is one block
-  // per SM; its splits round to whole waves.  Each split keeps >= 4 stages (512 columns)
-  // so partial sums cost < 1/64 of the weight bytes at 16 tokens.
-  const bool prefill = ci >= kFirstPrefillConfig;
+  // Decode tiles: many blocks fit per SM; aim for 4 per SM.  The prefill tiles are one
+  // block per SM; their splits round to whole waves.  Each split keeps >= 4 stages (512
+  // columns) so partial sums cost < 1/64 of the weight bytes at 16 tokens.
+  const bool prefill = sp24_prefill(c);
   choose_splits(out.grid_m * out.grid_n, k_stages, requested_splits, lim.num_sms,
                 prefill ? 1 : 4, 4, &out, prefill);
   out.partial_elems = out.splits > 1 ? (int64_t)out.splits * T * N : 0;

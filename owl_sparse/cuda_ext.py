@@ -1,6 +1,8 @@
 """The CUDA extension (csrc/): loading, and its backends for the dispatch table.
 
-Kernels: ``cuda_sp`` (2:4 on sparse tensor cores, ``mma.sp`` m16n8k32), ``cuda_mma``
+Kernels: ``cuda_sp`` (2:4 on sparse tensor cores, ``mma.sp`` m16n8k32), ``cuda_sp_wgmma``
+(2:4 prefill on Hopper's warpgroup sparse tensor cores, ``wgmma.mma_async.sp``; sm_90a
+builds on H100 / H200 only, 33+ tokens, fewer go to ``cuda_sp``), ``cuda_mma``
 (bitmap on ``mma.sync`` m16n8k16: A registers built from the bitmap per lane up to 32
 tokens, tiles decoded into shared memory beyond) and ``cuda_gemv`` (bitmap on
 CUDA cores for 1-8 tokens, work per kept weight; more tokens go to ``cuda_mma``); fp16 /
@@ -39,7 +41,7 @@ from .formats.mma_layout import sparse24_to_mma
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("bindings.cpp", "sparse24_mma.cu", "bitmap_mma.cu")
+SOURCES = ("bindings.cpp", "sparse24_mma.cu", "bitmap_mma.cu")  # + the headers they include
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 _lock = threading.Lock()
@@ -65,12 +67,17 @@ def _jit_build() -> str:
         major,
         minor,
     )
+    cuda_flags = ["-O3", "-lineinfo"]
+    if (major, minor) == (9, 0):
+        # Hopper: sm_90a machine code for the 2:4 wgmma kernel (an explicit -gencode makes
+        # torch add no arch flags of its own; see setup.py)
+        cuda_flags += ["-gencode=arch=compute_90a,code=sm_90a", "-DOWL_SPARSE_SM90A"]
     cpp_load(
         name="owl_sparse_C_jit",
         sources=[str(CSRC / s) for s in SOURCES],
         extra_include_paths=[str(CSRC)],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-lineinfo"],
+        extra_cuda_cflags=cuda_flags,
         is_python_module=False,
         verbose=os.environ.get("OWL_SPARSE_JIT_VERBOSE") == "1",
     )
@@ -180,16 +187,34 @@ def mma_tensors(packed) -> tuple[Tensor, Tensor]:
     return _derived("mma", (packed.values, packed.meta), sparse24_to_mma)
 
 
-def sparse24_mm(x2d: Tensor, packed, bias: Tensor | None = None, split_k: int = 0) -> Tensor:
+def sparse24_mm(
+    x2d: Tensor, packed, bias: Tensor | None = None, split_k: int = 0, config: int = -1
+) -> Tensor:
     """``y [T, N] = x2d [T, K] @ W^T + bias`` on sparse tensor cores (W a Sparse24Weight).
 
     ``x2d``: contiguous fp16/bf16 on the weight's device; ``split_k``: 0 = automatic,
-    > 0 forces that many K splits (tests / benchmarks).  Raises when unavailable.
+    > 0 forces that many K splits (tests / benchmarks); ``config``: -1 = automatic (never
+    the wgmma one), >= 0 that launch configuration, which must run on this device as it is
+    (:func:`sparse24_wgmma_config` gives the wgmma one's index).  Raises when unavailable.
     """
     _require()
     _check(x2d, packed, bias)
     vm, mm = mma_tensors(packed)
-    return torch.ops.owl_sparse_C.sparse24_mm(x2d, vm, mm, packed.N, packed.K, bias, split_k)
+    return torch.ops.owl_sparse_C.sparse24_mm(
+        x2d, vm, mm, packed.N, packed.K, bias, split_k, config
+    )
+
+
+def sparse24_wgmma_config() -> int:
+    """Index of the 2:4 configuration on Hopper's warpgroup sparse tensor cores
+    (``wgmma.mma_async.sp``) on the current device, or -1: it needs an sm_90a build and a
+    compute capability 9.0 GPU (H100 / H200)."""
+    if not load():
+        return -1
+    return int(torch.ops.owl_sparse_C.sparse24_wgmma_config())
+
+
+WGMMA_MIN_TOKENS = 33  # the wgmma tile is 128 tokens wide: fewer go to cuda_sp
 
 
 # ---------------------------------------------------------------------------- bitmap
@@ -263,17 +288,23 @@ def bitmap_gemv(
 
 
 def plan(
-    kind: str, tokens: int, n: int, k: int, split_k: int = 0, max_tile_values: int = -1
+    kind: str,
+    tokens: int,
+    n: int,
+    k: int,
+    split_k: int = 0,
+    max_tile_values: int = -1,
+    config: int = -1,
 ) -> dict:
     """The launch plan a kernel would use ("sparse24", "bitmap" or "bitmap_gemv") here.
 
-    ``max_tile_values``: bitmap only, as returned by :func:`max_tile_values` (-1: unknown).
+    ``max_tile_values``: bitmap only, as returned by :func:`max_tile_values` (-1: unknown);
+    ``config``: sparse24 only, as in :func:`sparse24_mm`.
     """
     _require()
     keys = ("config", "block_m", "block_n", "grid_m", "grid_n", "splits", "smem_bytes")
-    return dict(
-        zip(keys, torch.ops.owl_sparse_C.plan(kind, tokens, n, k, split_k, max_tile_values))
-    )
+    raw = torch.ops.owl_sparse_C.plan(kind, tokens, n, k, split_k, max_tile_values, config)
+    return dict(zip(keys, raw))
 
 
 def _check(x2d: Tensor, packed, bias: Tensor | None) -> None:
@@ -310,6 +341,19 @@ def _sparse24_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
     return sparse24_mm(x2d, packed, bias)
 
 
+def _sparse24_wgmma_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
+    """``cuda_sp_wgmma`` from 33 tokens on; fewer tokens go to ``cuda_sp``."""
+    if x2d.dtype not in KERNEL_DTYPES:
+        return _fallback("cuda_sp_wgmma", x2d, packed, bias)
+    if x2d.shape[0] < WGMMA_MIN_TOKENS:
+        return sparse24_mm(x2d, packed, bias)
+    return sparse24_mm(x2d, packed, bias, config=sparse24_wgmma_config())
+
+
+def _wgmma_available() -> bool:
+    return sparse24_wgmma_config() >= 0
+
+
 def _bitmap_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
     if x2d.dtype not in KERNEL_DTYPES:
         return _fallback("cuda_mma", x2d, packed, bias)
@@ -331,6 +375,7 @@ def _register() -> None:
     except ImportError:  # dispatch is optional for this module
         return
     dispatch.register_backend("2:4", "cuda_sp", _sparse24_backend, available)
+    dispatch.register_backend("2:4", "cuda_sp_wgmma", _sparse24_wgmma_backend, _wgmma_available)
     dispatch.register_backend("bitmap", "cuda_mma", _bitmap_backend, available)
     dispatch.register_backend("bitmap", "cuda_gemv", _bitmap_gemv_backend, available)
 

@@ -267,6 +267,112 @@ def test_sp24_kernel_emulation_matches_dense(n, k, t, cfg, splits, a_smem):
     torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
 
 
+# ---- the wgmma.sp prefill kernel (csrc/sparse24_wgmma.cuh) ---------------------------
+WG_BN, WG_LBO, WG_SBO = 128, 2048, 128
+
+
+def wgmma_x_offset(r: int, q: int) -> int:
+    """Sp24WgmmaKernel::x_offset: byte offset of granule q of token row r (core matrices)."""
+    return ((q * (WG_BN // 8) + (r >> 3)) * 8 + (r & 7)) * 16
+
+
+def smem_desc(addr: int, lbo: int, sbo: int) -> int:
+    """smem_desc(): start address, leading / stride byte offsets in 16-byte units."""
+    return ((addr >> 4) & 0x3FFF) | (((lbo >> 4) & 0x3FFF) << 16) | (((sbo >> 4) & 0x3FFF) << 32)
+
+
+def read_b_k_major(smem: torch.Tensor, desc: int, k: int, n: int) -> torch.Tensor:
+    """B [k, n] as wgmma reads a K-major, unswizzled operand (PTX ISA canonical layout:
+    8 x 16-byte core matrices; LBO steps along K, SBO along N).  smem: fp64 per 2 bytes."""
+    start, lbo, sbo = (
+        (desc & 0x3FFF) << 4,
+        ((desc >> 16) & 0x3FFF) << 4,
+        ((desc >> 32) & 0x3FFF) << 4,
+    )
+    assert desc >> 46 == 0  # base offset 0, layout type 0 (no swizzle)
+    b = torch.empty(k, n, dtype=torch.float64)
+    for kk in range(k):
+        for nn in range(n):
+            byte = start + (kk // 8) * lbo + (nn // 8) * sbo + (nn % 8) * 16 + (kk % 8) * 2
+            b[kk, nn] = smem[byte // 2]
+    return b
+
+
+def emulate_sp24_wgmma(x, vm, mm, n, k, splits):
+    """csrc/sparse24_wgmma.cuh, block by block: two warpgroups of two m64 tiles; warp w of a
+    warpgroup gives A fragment and metadata of m16 tile w; B through the descriptor."""
+    t_tok = x.shape[0]
+    np_, kp = mma_padded_shape(n, k)
+    m_tiles, k_stages = np_ // 16, kp // 128
+    bm, tiles_m = 256, 16
+    y = torch.zeros(t_tok, n, dtype=torch.float64)
+    for bx in range(-(-n // bm)):
+        mtb = bx * tiles_m
+        for by in range(-(-t_tok // WG_BN)):
+            n0 = by * WG_BN
+            for st0, st1 in split_ranges(k_stages, splits):
+                acc = torch.zeros(2, 2, 4, 32, 64, dtype=torch.float64)  # [wg][i][w][lane]
+                for st in range(st0, st1):
+                    xs = torch.full((WG_BN * 128,), float("nan"), dtype=torch.float64)
+                    for r in range(WG_BN):  # load_x, 16-byte granules
+                        for q in range(16):
+                            gt, gk = n0 + r, st * 128 + q * 8
+                            vals = torch.zeros(8, dtype=torch.float64)
+                            if gt < t_tok and gk < k:
+                                vals = x[gt, gk : gk + 8].double()
+                            off = wgmma_x_offset(r, q) // 2
+                            xs[off : off + 8] = vals
+                    a_slot, m_slot = stage_a_slot(vm, mm, m_tiles, k_stages, mtb, tiles_m, st)
+                    for wg in range(2):
+                        for i in range(2):
+                            for w in range(4):
+                                ti = (wg * 2 + i) * 4 + w
+                                for c in range(4):
+                                    desc = smem_desc(c * 4 * WG_LBO, WG_LBO, WG_SBO)
+                                    bmat = read_b_k_major(xs, desc, 32, WG_BN)
+                                    a = a_slot[(ti * 4 + c) * 32 : (ti * 4 + c) * 32 + 32]
+                                    if mtb + ti < m_tiles:
+                                        e = m_slot[ti * 32 : ti * 32 + 32, c // 2]
+                                    else:
+                                        e = torch.full((32,), 0x44444444, dtype=torch.int64)
+                                    for j in range(WG_BN // 8):
+                                        b = torch.zeros(32, 8, dtype=torch.float64)
+                                        for lane in range(32):
+                                            g, t = lane_gt(lane)
+                                            for r in range(4):
+                                                b[lane, 2 * r : 2 * r + 2] = bmat[
+                                                    2 * t + 8 * r : 2 * t + 8 * r + 2, 8 * j + g
+                                                ]
+                                        d = mma_sp_16832(a, b, e, c & 1)
+                                        acc[wg, i, w, :, 4 * j : 4 * j + 4] += d
+                for wg in range(2):
+                    for i in range(2):
+                        for w in range(4):
+                            for lane in range(32):
+                                g, t = lane_gt(lane)
+                                row = bx * bm + (wg * 2 + i) * 64 + w * 16 + g
+                                for j in range(WG_BN // 8):
+                                    for q, (dr, dt) in enumerate(((0, 0), (0, 1), (8, 0), (8, 1))):
+                                        gr, gt = row + dr, n0 + 8 * j + 2 * t + dt
+                                        if gr < n and gt < t_tok:
+                                            y[gt, gr] += acc[wg, i, w, lane, 4 * j + q]
+    return y
+
+
+def test_sp24_wgmma_emulation_matches_dense():
+    """One row block with row tiles past the end (zero A, ordered placeholder metadata), a
+    partial token tile, split-K.  (K % 8 == 0 here; the kernel's 8-byte-granule path for
+    K % 8 == 4 writes the same core-matrix rows in halves and is checked on the GPU.)"""
+    n, k, t = 72, 256, 21
+    w, mask = random_24(n, k, seed=7)
+    p = Sparse24Weight.from_dense(w, mask)
+    vm, mm = sparse24_to_mma(p.values, p.meta)
+    x = torch.randn(t, k, generator=torch.Generator().manual_seed(9)).half()
+    y = emulate_sp24_wgmma(x, vm, mm, n, k, splits=2)
+    ref = x.double() @ p.to_dense().double().t()
+    torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
+
+
 def test_sp24_fragment_emulation_reproduces_weight():
     """The A fragments + metadata of every (row tile, chunk) decode to the dense weight."""
     n, k = 40, 260
