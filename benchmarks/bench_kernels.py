@@ -111,6 +111,8 @@ def _contenders(fmt: str, tokens: int, only: list[str] | None) -> list[str]:
             continue  # beyond 8 tokens that backend runs cuda_mma (timed on its own)
         if name == "cuda_sp_wgmma" and tokens < 33:
             continue  # below 33 tokens that backend runs cuda_sp (timed on its own)
+        if name == "cuda_mma_wgmma" and not 33 <= tokens <= 128:
+            continue  # elsewhere that backend runs cuda_mma (timed on its own)
         names.append(name)
     return [n for n in names if only is None or n in only or n == "cublas"]
 

@@ -69,6 +69,16 @@ def run(verbose: bool) -> int:
                 # every tile overflows its (minimal) shared slot: the global-memory path
                 ("bitmap-global", pb, partial(cuda_ext.bitmap_mm, max_tile_values_hint=0)),
             ]
+            bitmap_wgmma = cuda_ext.bitmap_wgmma_config(t)
+            if bitmap_wgmma >= 0 and t >= cuda_ext.WGMMA_MIN_TOKENS:  # Hopper's wgmma tiles
+                packs += [
+                    ("bitmap-wgmma", pb, partial(cuda_ext.bitmap_mm, config=bitmap_wgmma)),
+                    (
+                        "bitmap-wgmma-global",
+                        pb,
+                        partial(cuda_ext.bitmap_mm, max_tile_values_hint=0, config=bitmap_wgmma),
+                    ),
+                ]
             if t <= cuda_ext.GEMV_MAX_TOKENS:  # the CUDA-core kernel, both value paths
                 packs += [
                     ("gemv", pb, cuda_ext.bitmap_gemv),

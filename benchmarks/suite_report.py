@@ -103,9 +103,14 @@ def targets(kernels, e2e, env: dict) -> list[list]:
         1.15,
     )
     add(
-        "bitmap 70% 16-128 tok speed-up >= 2x, CUDA mma (worst shape)",
+        "bitmap 70% 16-128 tok speed-up >= 2x, CUDA kernels (worst shape)",
         _worst_best(
-            _kernel_rows(kernels, contenders={"cuda_mma"}, pattern="70%", tokens=(16, 128))
+            _kernel_rows(
+                kernels,
+                contenders={"cuda_mma", "cuda_mma_wgmma", "cuda_gemv"},
+                pattern="70%",
+                tokens=(16, 128),
+            )
         ),
         2.0,
     )

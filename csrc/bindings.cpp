@@ -8,15 +8,16 @@
 //   owl_sparse_C::sparse24_mm(x, values_mma, meta_mma, n, k, bias=None, split_k=0,
 //                             config=-1) -> y
 //   owl_sparse_C::bitmap_mm(x, bitmap, values, tile_offsets, n, k, bias=None, split_k=0,
-//                           max_tile_values=-1) -> y
-//   owl_sparse_C::bitmap_gemv(same arguments as bitmap_mm; x of 1 to 8 tokens) -> y
+//                           max_tile_values=-1, config=-1) -> y
+//   owl_sparse_C::bitmap_gemv(bitmap_mm's arguments but config; x of 1 to 8 tokens) -> y
 //   owl_sparse_C::plan(kind, t, n, k, split_k, max_tile_values=-1, config=-1) -> [config,
 //                                        block_m, block_n, grid_m, grid_n, splits, smem_bytes]
 //   owl_sparse_C::sparse24_wgmma_config() -> the wgmma configuration's index here, or -1
+//   owl_sparse_C::bitmap_wgmma_config(t) -> the same for bitmap_mm and t tokens, or -1
 //
 // split_k = 0 chooses automatically; > 0 forces that many K splits (tests, benchmarks).
-// config = -1 chooses the 2:4 configuration automatically (never the wgmma one); >= 0 asks
-// for that one, which must run on this device as it is.
+// config = -1 chooses the configuration automatically (never a wgmma one); >= 0 asks for
+// that one, which must run on this device as it is.
 // max_tile_values: the most values any 16 x 128 tile of the bitmap weight holds (< 0:
 // unknown).  A speed hint only: it sizes the kernel's shared buffers, and a tile that
 // holds more is read from global memory, never truncated.
@@ -193,7 +194,7 @@ at::Tensor sparse24_mm(const at::Tensor& x_in, const at::Tensor& values_mma,
 at::Tensor bitmap_op(const at::Tensor& x_in, const at::Tensor& bitmap, const at::Tensor& values,
                      const at::Tensor& tile_offsets, int64_t n, int64_t k,
                      const c10::optional<at::Tensor>& bias, int64_t split_k,
-                     int64_t max_tile_values, bool gemv) {
+                     int64_t max_tile_values, int64_t config, bool gemv) {
   const char* op = gemv ? "owl_sparse_C::bitmap_gemv" : "owl_sparse_C::bitmap_mm";
   const owl::DType dt = check_x(x_in, n, k, op);
   const int64_t np = (n + 15) / 16 * 16, kp = (k + kStageK - 1) / kStageK * kStageK;
@@ -238,9 +239,9 @@ at::Tensor bitmap_op(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
   owl::LaunchPlan plan;
   auto* plan_fn = gemv ? &owl::bitmap_gemv_plan : &owl::bitmap_plan;
   cudaError_t err = plan_fn((int)t, (int)n, (int)k_run, (int)split_k, max_tile_values,
-                            x.device().index(), &plan);
+                            x.device().index(), &plan, (int)config);
   OWL_CHECK(err == cudaSuccess, op, ": planning failed for x ", shape_str(x_in), ", weight [",
-              n, ", ", k, "]: ", cudaGetErrorString(err));
+              n, ", ", k, "], config ", config, ": ", cudaGetErrorString(err));
   Workspace ws = make_workspace(plan, x);
   owl::BitmapArgs a;
   a.x = x.data_ptr();
@@ -268,15 +269,17 @@ at::Tensor bitmap_op(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
 at::Tensor bitmap_mm(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& values,
                      const at::Tensor& tile_offsets, int64_t n, int64_t k,
                      const c10::optional<at::Tensor>& bias, int64_t split_k,
-                     int64_t max_tile_values) {
-  return bitmap_op(x, bitmap, values, tile_offsets, n, k, bias, split_k, max_tile_values, false);
+                     int64_t max_tile_values, int64_t config) {
+  return bitmap_op(x, bitmap, values, tile_offsets, n, k, bias, split_k, max_tile_values, config,
+                   false);
 }
 
 at::Tensor bitmap_gemv(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& values,
                        const at::Tensor& tile_offsets, int64_t n, int64_t k,
                        const c10::optional<at::Tensor>& bias, int64_t split_k,
                        int64_t max_tile_values) {
-  return bitmap_op(x, bitmap, values, tile_offsets, n, k, bias, split_k, max_tile_values, true);
+  return bitmap_op(x, bitmap, values, tile_offsets, n, k, bias, split_k, max_tile_values, -1,
+                   true);
 }
 
 std::vector<int64_t> plan_op(const std::string& kind, int64_t t, int64_t n, int64_t k,
@@ -289,7 +292,8 @@ std::vector<int64_t> plan_op(const std::string& kind, int64_t t, int64_t n, int6
     err = owl::sparse24_plan((int)t, (int)n, (int)k, (int)split_k, device, &p, (int)config);
   } else if (kind == "bitmap" || kind == "bitmap_gemv") {
     err = (kind == "bitmap" ? owl::bitmap_plan : owl::bitmap_gemv_plan)(
-        (int)t, (int)n, (int)((k + 3) / 4 * 4), (int)split_k, max_tile_values, device, &p);
+        (int)t, (int)n, (int)((k + 3) / 4 * 4), (int)split_k, max_tile_values, device, &p,
+        (int)config);
   } else {
     OWL_CHECK(false, "owl_sparse_C::plan: kind must be 'sparse24', 'bitmap' or 'bitmap_gemv', got '",
               kind.c_str(), "'");
@@ -308,6 +312,14 @@ int64_t sparse24_wgmma_config_op() {
   return owl::sparse24_wgmma_config(device);
 }
 
+// The bitmap configuration on Hopper's warpgroup MMA for t tokens here, or -1.
+int64_t bitmap_wgmma_config_op(int64_t t) {
+  int device = 0;
+  OWL_CHECK(cudaGetDevice(&device) == cudaSuccess,
+            "owl_sparse_C::bitmap_wgmma_config: no CUDA device");
+  return owl::bitmap_wgmma_config((int)t, device);
+}
+
 // Shape-only implementations for tracing (torch.compile, fake tensors).
 at::Tensor sparse24_mm_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, int64_t n,
                             int64_t, const c10::optional<at::Tensor>&, int64_t, int64_t) {
@@ -316,7 +328,13 @@ at::Tensor sparse24_mm_meta(const at::Tensor& x, const at::Tensor&, const at::Te
 
 at::Tensor bitmap_mm_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, int64_t n, int64_t,
-                          const c10::optional<at::Tensor>&, int64_t, int64_t) {
+                          const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t) {
+  return at::empty({x.size(0), n}, x.options());
+}
+
+at::Tensor bitmap_gemv_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, int64_t n, int64_t,
+                            const c10::optional<at::Tensor>&, int64_t, int64_t) {
   return at::empty({x.size(0), n}, x.options());
 }
 
@@ -328,7 +346,7 @@ TORCH_LIBRARY(owl_sparse_C, m) {
       "Tensor? bias=None, int split_k=0, int config=-1) -> Tensor");
   m.def(
       "bitmap_mm(Tensor x, Tensor bitmap, Tensor values, Tensor tile_offsets, int n, int k, "
-      "Tensor? bias=None, int split_k=0, int max_tile_values=-1) -> Tensor");
+      "Tensor? bias=None, int split_k=0, int max_tile_values=-1, int config=-1) -> Tensor");
   m.def(
       "bitmap_gemv(Tensor x, Tensor bitmap, Tensor values, Tensor tile_offsets, int n, int k, "
       "Tensor? bias=None, int split_k=0, int max_tile_values=-1) -> Tensor");
@@ -337,6 +355,7 @@ TORCH_LIBRARY(owl_sparse_C, m) {
       "int config=-1) -> int[]",
       &plan_op);
   m.def("sparse24_wgmma_config() -> int", &sparse24_wgmma_config_op);
+  m.def("bitmap_wgmma_config(int t) -> int", &bitmap_wgmma_config_op);
 }
 
 TORCH_LIBRARY_IMPL(owl_sparse_C, CUDA, m) {
@@ -348,7 +367,7 @@ TORCH_LIBRARY_IMPL(owl_sparse_C, CUDA, m) {
 TORCH_LIBRARY_IMPL(owl_sparse_C, Meta, m) {
   m.impl("sparse24_mm", &sparse24_mm_meta);
   m.impl("bitmap_mm", &bitmap_mm_meta);
-  m.impl("bitmap_gemv", &bitmap_mm_meta);
+  m.impl("bitmap_gemv", &bitmap_gemv_meta);
 }
 
 // Module init for the setup.py build (`import owl_sparse._C` runs the registrations

@@ -41,7 +41,7 @@
 // so the work is per kept weight, not per weight position; the two lanes of a row add their
 // sums with one shuffle at the end.  It registers as its own backend ("cuda_gemv"), so the
 // dispatch table picks it only where it was measured faster than the alternatives.
-#include "mma_common.cuh"
+#include "wgmma_common.cuh"
 
 namespace owl {
 namespace {
@@ -101,7 +101,7 @@ struct BitmapParams {
   bool vec16;
 };
 
-template <typename T, int WM, int WN, int MT, int NT, int STAGES>
+template <typename T, int WM, int WN, int MT, int NT, int STAGES, bool WG = false>
 struct BitmapKernel {
   static constexpr int kThreads = WM * WN * 32;
   static constexpr int kWarps = WM * WN;
@@ -110,7 +110,9 @@ struct BitmapKernel {
   static constexpr int kTiles = BM / 16;
   // Per-stage ring slot: activations, values (vcap halves per row tile), bitmap words;
   // every part a 16-byte multiple (vcap is a multiple of 8).
-  static constexpr int kXHalves = BN * kSmemLd;
+  // Activation tile: rows padded for ldmatrix, or (WG: the warpgroup reads it through a
+  // wgmma descriptor) the unpadded core-matrix layout of wgmma_common.cuh.
+  static constexpr int kXHalves = WG ? BN * kStageK : BN * kSmemLd;
   static constexpr int kBWords = BM * 4;
   // Decode configurations build A fragments in registers (no dense tile); the others
   // decode into a dense tile (single buffer).
@@ -173,7 +175,11 @@ struct BitmapKernel {
                    bytes);
       }
     }
-    load_x_stage<BN, kThreads>(sl.xs, p.x, p.T, p.K, n0, kt * kStageK, p.vec16, tid);
+    if constexpr (WG)
+      load_x_core<BN, kThreads>(reinterpret_cast<uint8_t*>(sl.xs), p.x, p.T, p.K, n0,
+                                kt * kStageK, p.vec16, tid);
+    else
+      load_x_stage<BN, kThreads>(sl.xs, p.x, p.T, p.K, n0, kt * kStageK, p.vec16, tid);
   }
 
   // 32 columns of one row from one bitmap word: bit j set -> next packed value
@@ -232,10 +238,10 @@ struct BitmapKernel {
 
   // The cp.async ring (cp_async_ring) over this block's stages st0 .. st0 + nst - 1:
   // body(slot, kt) runs on each landed stage while the next STAGES - 1 load.
-  template <typename Body>
+  template <bool kAsyncProxy = false, typename Body>
   __device__ static void for_each_stage(const BitmapParams& p, uint8_t* smem, int m0, int n0,
                                         int st0, int nst, int tid, Body&& body) {
-    cp_async_ring<STAGES>(
+    cp_async_ring<STAGES, kAsyncProxy>(
         nst,
         [&](int sl, int s) { load_stage(p, slot(smem, sl, p.vcap), m0, n0, st0 + s, tid); },
         [&](int sl, int s) { body(slot(smem, sl, p.vcap), st0 + s); });
@@ -280,18 +286,21 @@ struct BitmapKernel {
     return v0 | (v1 << 16);
   }
 
-  // Warp `warp` multiplies its row tile of tile column `kt` (slot `sl`) into acc.  Lane
-  // (g, t) holds rows g and g + 8: 4 bitmap words each.  Row bases come from one inclusive
-  // scan over g of both rows' popcounts packed in one int (each partial sum <= 1024);
-  // lane 28 (g = 7) ends with the totals of rows 0-7 (low half) and 8-15 (high half).
-  // Warp-uniform early exits only: no barrier inside.
-  __device__ static void frag_stage(const BitmapParams& p, const Slot& sl, const uint16_t* xs,
-                                    int m0, int warp, int kt, int lane, float (&acc)[MT][NT][4]) {
+  // The A registers of warp `warp`'s row tile in tile column `kt` (slot `sl`):
+  // use(c, a) for each k32 chunk c, a[h] = the m16n8k16 A registers of k16 step 2c + h.
+  // Returns false, calling nothing, for a tile past the last row tile or an empty one
+  // (warp-uniform).  Lane (g, t) holds rows g and g + 8: 4 bitmap words each.  Row bases
+  // come from one inclusive scan over g of both rows' popcounts packed in one int (each
+  // partial sum <= 1024); lane 28 (g = 7) ends with the totals of rows 0-7 (low half) and
+  // 8-15 (high half).  No barrier inside.
+  template <typename Use>
+  __device__ static bool frag_tile(const BitmapParams& p, const Slot& sl, int m0, int warp,
+                                   int kt, int lane, Use&& use) {
     const int rt = m0 / 16 + warp;
-    if (rt >= p.m_tiles) return;  // past the last row tile
+    if (rt >= p.m_tiles) return false;  // past the last row tile
     const int64_t tix = (int64_t)rt * p.k_stages + kt;
     const int64_t off0 = __ldg(p.tile_offsets + tix), off1 = __ldg(p.tile_offsets + tix + 1);
-    if (off0 < 0 || off1 <= off0) return;  // empty tile: adds nothing
+    if (off0 < 0 || off1 <= off0) return false;  // empty tile
     const int g = lane >> 2, t = lane & 3;
     const uint4 wg = *reinterpret_cast<const uint4*>(sl.bs + (warp * 16 + g) * 4);
     const uint4 wh = *reinterpret_cast<const uint4*>(sl.bs + (warp * 16 + g + 8) * 4);
@@ -315,7 +324,7 @@ struct BitmapKernel {
     const int base = (int)(off0 & 7);  // the slot starts at the first value's granule
     const int bg = base + (incl & 0xffff) - cg;
     const int bh = base + lo + (incl >> 16) - ch;
-    auto mma_all = [&](const auto& vals) {
+    auto build = [&](const auto& vals) {
 #pragma unroll
       for (int c = 0; c < 4; ++c) {  // k32 chunk c: k16 steps 2c, 2c + 1 = word c, halves
         uint32_t a[2][4];
@@ -327,23 +336,67 @@ struct BitmapKernel {
           a[h][2] = frag_pair(rg[c], b + 8, bg + pg[c], vals);
           a[h][3] = frag_pair(rh[c], b + 8, bh + ph[c], vals);
         }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t bb[4];
-          const uint16_t* row = xs + (nt * 8 + (lane & 7)) * kSmemLd;
-          ldmatrix_x4(bb, smem_addr(row + c * 32 + 8 * (lane >> 3)));
-          mma_16816<T>(acc[0][nt], a[0], bb[0], bb[1]);
-          mma_16816<T>(acc[0][nt], a[1], bb[2], bb[3]);
-        }
+        use(c, a);
       }
     };
     if (staged_in_smem(off0, off1, lo + (tot >> 16), p.vcap)) {  // warp-uniform
-      mma_all(SmemValues{sl.vs + warp * p.vcap});
+      build(SmemValues{sl.vs + warp * p.vcap});
     } else {
       const int64_t g0 = off0 & ~int64_t(7);
-      mma_all(GlobalValues{p.values + g0, p.num_values - g0});
+      build(GlobalValues{p.values + g0, p.num_values - g0});
     }
+    return true;
   }
+
+  // mma.sync path: warp `warp` multiplies its row tile into acc (B by ldmatrix).
+  __device__ static void frag_stage(const BitmapParams& p, const Slot& sl, int m0, int warp,
+                                    int kt, int lane, float (&acc)[MT][NT][4]) {
+    frag_tile(p, sl, m0, warp, kt, lane, [&](int c, const uint32_t (&a)[2][4]) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t bb[4];
+        const uint16_t* row = sl.xs + (nt * 8 + (lane & 7)) * kSmemLd;
+        ldmatrix_x4(bb, smem_addr(row + c * 32 + 8 * (lane >> 3)));
+        mma_16816<T>(acc[0][nt], a[0], bb[0], bb[1]);
+        mma_16816<T>(acc[0][nt], a[1], bb[2], bb[3]);
+      }
+    });
+  }
+
+#if defined(OWL_WGMMA_DEVICE)
+  // wgmma path (WG): the block's four warps are one warpgroup, warp w supplying m16 tile w
+  // of the m64 x BN product; each k16 step is one wgmma.mma_async m64nBNk16 with B read
+  // from the core-matrix activation tile.  Every warp issues every wgmma (a collective):
+  // an empty or out-of-range tile multiplies zeros.
+  __device__ static void wgmma_stage(const BitmapParams& p, const Slot& sl, int m0, int warp,
+                                     int kt, int lane, float (&acc)[BN / 2]) {
+    uint32_t a[4][2][4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[c][h][r] = 0u;
+    frag_tile(p, sl, m0, warp, kt, lane, [&](int c, const uint32_t (&ac)[2][4]) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[c][h][r] = ac[h][r];
+    });
+    const uint32_t xs = smem_addr(sl.xs);
+    wgmma_fence();
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint64_t desc =
+            smem_desc(xs + (2 * (2 * c + h)) * kCoreLBO<BN>, kCoreLBO<BN>, kCoreSBO);
+        wgmma_m64k16<T, BN>(acc, a[c][h], desc);
+      }
+    wgmma_commit();
+    wgmma_wait_all();  // the slot may be refilled after the next barrier
+  }
+#endif
 
   __device__ static void compute(const uint16_t* xs, const uint16_t* as, int wm, int wn, int lane,
                                  float (&acc)[MT][NT][4]) {
@@ -455,10 +508,25 @@ struct BitmapKernel {
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
 
-    if constexpr (kFragA) {
+    if constexpr (WG) {
+      static_assert(kFragA && kWarps == 4 && (BN == 64 || BN == 128), "one warpgroup, m64");
+#if defined(OWL_WGMMA_DEVICE)
+      float accw[BN / 2];
+#pragma unroll
+      for (int q = 0; q < BN / 2; ++q) accw[q] = 0.f;
+      for_each_stage<true>(p, smem, m0, n0, st0, nst, tid, [&](const Slot& cur, int kt) {
+        wgmma_stage(p, cur, m0, warp, kt, lane, accw);
+      });
+      // the m64nN accumulators are the m16n8 ones of warp w, n8 block j = q / 4
+#pragma unroll
+      for (int q = 0; q < BN / 2; ++q) acc[0][q / 4][q % 4] = accw[q];
+#else
+      __trap();  // not built for sm_90a: bitmap_plan never offers this configuration
+#endif
+    } else if constexpr (kFragA) {
       static_assert(kTiles == kWarps, "one row tile per warp");
       for_each_stage(p, smem, m0, n0, st0, nst, tid, [&](const Slot& cur, int kt) {
-        frag_stage(p, cur, cur.xs, m0, warp, kt, lane, acc);
+        frag_stage(p, cur, m0, warp, kt, lane, acc);
       });
     } else {
       // (the barrier at the top of each stage also frees `as` from the previous stage)
@@ -482,10 +550,10 @@ constexpr int bitmap_min_blocks(int mt, int nt) {
   return mt != 1 ? 0 : (nt <= 4 ? 4 : (nt <= 8 ? 3 : 2));
 }
 
-template <typename T, int WM, int WN, int MT, int NT, int STAGES>
+template <typename T, int WM, int WN, int MT, int NT, int STAGES, bool WG>
 __global__ void __launch_bounds__(WM* WN * 32, bitmap_min_blocks(MT, NT))
     bitmap_kernel(const BitmapParams p) {
-  BitmapKernel<T, WM, WN, MT, NT, STAGES>::run(p);
+  BitmapKernel<T, WM, WN, MT, NT, STAGES, WG>::run(p);
 }
 
 // Launch `fn` on the plan's grid with `smem` bytes of dynamic shared memory (the plan must
@@ -542,9 +610,14 @@ cudaError_t dispatch_gemv(const BitmapParams& p, const LaunchPlan& plan, cudaStr
 // have larger activation tiles, so three and two stages.  Beyond 128 tokens: 2 x 2 warps
 // with 2 m16 tiles and 8 n8 tiles each (64 rows x 128 tokens) sharing a decoded dense
 // tile, so one decode feeds 16 MMAs per warp and k16 step.
+// The last two are the 64- and 128-token register tiles on Hopper's warpgroup MMA (one
+// wgmma.mma_async per k16 step for the whole block, B read by the tensor cores from
+// shared memory once per block instead of once per warp by ldmatrix); sm_90a builds on
+// compute capability 9.0 only, never chosen automatically (backend "cuda_mma_wgmma").
 struct BitmapConfig {
   int wm, wn, mt, nt, stages;
   int max_tokens;
+  bool wg = false;
 };
 
 constexpr BitmapConfig kBitmapConfigs[] = {
@@ -554,24 +627,28 @@ constexpr BitmapConfig kBitmapConfigs[] = {
     {4, 1, 1, 8, 3, 64},
     {4, 1, 1, 16, 2, 128},
     {2, 2, 2, 8, 2, 1 << 30},
+    {4, 1, 1, 8, 3, 0, true},
+    {4, 1, 1, 16, 2, 0, true},
 };
 constexpr int kNumBitmapConfigs = sizeof(kBitmapConfigs) / sizeof(kBitmapConfigs[0]);
+constexpr int kNumAutoBitmapConfigs = 6;  // the automatic choice never goes past these
+constexpr int kBitmapWgmma64 = 6, kBitmapWgmma128 = 7;
 
 // Same arithmetic as BitmapKernel::smem_bytes (launch_planned checks that they agree).
 int bitmap_smem_bytes(const BitmapConfig& c, int vcap) {
   const int bm = c.wm * c.mt * 16, bn = c.wn * c.nt * 8;
-  const int slot = bn * kSmemLd * 2 + (bm / 16) * vcap * 2 + bm * 4 * 4;
+  const int slot = bn * (c.wg ? kStageK : kSmemLd) * 2 + (bm / 16) * vcap * 2 + bm * 4 * 4;
   const bool frag_a = c.wn == 1 && c.mt == 1;  // no dense tile (BitmapKernel::kFragA)
   const int main_bytes = c.stages * slot + (frag_a ? 0 : bm * kSmemLd * 2);
   const int cb = bn * (bm + 4) * 4;
   return main_bytes > cb ? main_bytes : cb;
 }
 
-template <typename T, int WM, int WN, int MT, int NT, int STAGES>
+template <typename T, int WM, int WN, int MT, int NT, int STAGES, bool WG = false>
 cudaError_t launch_bitmap(const BitmapParams& p, const LaunchPlan& plan, cudaStream_t stream) {
-  using K = BitmapKernel<T, WM, WN, MT, NT, STAGES>;
+  using K = BitmapKernel<T, WM, WN, MT, NT, STAGES, WG>;
   static std::atomic<unsigned long long> smem_set{0};
-  return launch_planned(&bitmap_kernel<T, WM, WN, MT, NT, STAGES>, K::kThreads,
+  return launch_planned(&bitmap_kernel<T, WM, WN, MT, NT, STAGES, WG>, K::kThreads,
                         K::smem_bytes(p.vcap), K::smem_bytes(kMaxValsPerTile), smem_set, p, plan,
                         stream);
 }
@@ -585,6 +662,8 @@ cudaError_t dispatch_bitmap(const BitmapParams& p, const LaunchPlan& plan, cudaS
     case 3: return launch_bitmap<T, 4, 1, 1, 8, 3>(p, plan, stream);
     case 4: return launch_bitmap<T, 4, 1, 1, 16, 2>(p, plan, stream);
     case 5: return launch_bitmap<T, 2, 2, 2, 8, 2>(p, plan, stream);
+    case kBitmapWgmma64: return launch_bitmap<T, 4, 1, 1, 8, 3, true>(p, plan, stream);
+    case kBitmapWgmma128: return launch_bitmap<T, 4, 1, 1, 16, 2, true>(p, plan, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -637,15 +716,23 @@ BitmapParams make_params(const BitmapArgs& a, const LaunchPlan& plan) {
 }  // namespace
 
 cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int64_t max_tile_values,
-                        int device, LaunchPlan* plan) {
+                        int device, LaunchPlan* plan, int config) {
   if (T <= 0 || N <= 0 || K <= 0 || K % 4 != 0) return cudaErrorInvalidValue;
+  if (config >= kNumBitmapConfigs) return cudaErrorInvalidValue;
   DeviceLimits lim;
   cudaError_t err = device_limits(device, &lim);
   if (err != cudaSuccess) return err;
-  int ci = 0;
-  while (ci + 1 < kNumBitmapConfigs && T > kBitmapConfigs[ci].max_tokens) ++ci;
   const int vcap = vals_capacity(max_tile_values);
-  while (ci > 0 && bitmap_smem_bytes(kBitmapConfigs[ci], vcap) > lim.max_smem_optin) --ci;
+  int ci = config;
+  if (ci < 0) {
+    ci = 0;
+    while (ci + 1 < kNumAutoBitmapConfigs && T > kBitmapConfigs[ci].max_tokens) ++ci;
+    while (ci > 0 && bitmap_smem_bytes(kBitmapConfigs[ci], vcap) > lim.max_smem_optin) --ci;
+  } else {  // asked for by index: it must run here as it is
+    if (kBitmapConfigs[ci].wg && !wgmma_available(device)) return cudaErrorNotSupported;
+    if (bitmap_smem_bytes(kBitmapConfigs[ci], vcap) > lim.max_smem_optin)
+      return cudaErrorNotSupported;
+  }
   const BitmapConfig& c = kBitmapConfigs[ci];
   LaunchPlan out;
   out.config = ci;
@@ -658,6 +745,11 @@ cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int64_t max_t
   return cudaSuccess;
 }
 
+int bitmap_wgmma_config(int T, int device) {
+  if (T <= 0 || T > 128 || !wgmma_available(device)) return -1;
+  return T <= 64 ? kBitmapWgmma64 : kBitmapWgmma128;
+}
+
 cudaError_t bitmap_run(const BitmapArgs& a, const LaunchPlan& plan, cudaStream_t stream) {
   if (plan.splits > 1 && (a.partials == nullptr || a.counters == nullptr))
     return cudaErrorInvalidValue;
@@ -667,8 +759,9 @@ cudaError_t bitmap_run(const BitmapArgs& a, const LaunchPlan& plan, cudaStream_t
 }
 
 cudaError_t bitmap_gemv_plan(int T, int N, int K, int requested_splits, int64_t max_tile_values,
-                             int device, LaunchPlan* plan) {
-  if (T <= 0 || T > kGemvTokens[kNumGemvConfigs - 1] || N <= 0 || K <= 0 || K % 4 != 0)
+                             int device, LaunchPlan* plan, int config) {
+  if (T <= 0 || T > kGemvTokens[kNumGemvConfigs - 1] || N <= 0 || K <= 0 || K % 4 != 0 ||
+      config >= 0)
     return cudaErrorInvalidValue;
   DeviceLimits lim;
   cudaError_t err = device_limits(device, &lim);

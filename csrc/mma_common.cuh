@@ -27,6 +27,12 @@
 #define OWL_MMA_SP "mma.sp.sync.aligned.m16n8k32.row.col.f32"
 #endif
 
+// Device code for Hopper's warpgroup MMA (wgmma) exists only where the compiler targets
+// sm_90a (see wgmma_common.cuh).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define OWL_WGMMA_DEVICE 1
+#endif
+
 namespace owl {
 
 // Every stage of both kernels covers 128 logical K columns: one bitmap tile column, and
@@ -191,13 +197,23 @@ __device__ __forceinline__ void mma_sp_16832<__nv_bfloat16, 1>(float (&d)[4], co
                  "r"(b[3]), "r"(e));
 }
 
+// This thread's shared-memory writes (cp.async and plain stores: the generic proxy) made
+// visible to reads through the async proxy (wgmma operands); a barrier follows.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+#if defined(OWL_WGMMA_DEVICE)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 // A STAGES-deep cp.async ring over a block's stages 0 .. nst - 1: load(slot, s) issues the
 // copies of stage s into ring slot `slot`; body(slot, s) runs once stage s has landed,
 // while the next STAGES - 1 stages load.  Every thread runs every iteration (barriers
 // inside), so a body leaves early with `return`, never around a barrier.  The barrier at
 // the top of each iteration also tells the loader that every warp is done with the slot
-// it is about to overwrite.
-template <int STAGES, typename Load, typename Body>
+// it is about to overwrite (a body that issues wgmma must wait for it before returning).
+// kAsyncProxy: the stages are read by wgmma, so each thread fences its landed copies
+// into the async proxy before the barrier.
+template <int STAGES, bool kAsyncProxy = false, typename Load, typename Body>
 __device__ __forceinline__ void cp_async_ring(int nst, Load&& load, Body&& body) {
   static_assert(STAGES >= 2, "a ring needs two slots");
 #pragma unroll
@@ -207,6 +223,7 @@ __device__ __forceinline__ void cp_async_ring(int nst, Load&& load, Body&& body)
   }
   for (int s = 0; s < nst; ++s) {
     cp_async_wait<STAGES - 2>();
+    if constexpr (kAsyncProxy) fence_proxy_async_smem();
     __syncthreads();  // stage s landed; all warps finished stage s - 1
     const int sn = s + STAGES - 1;
     if (sn < nst) load(sn % STAGES, sn);

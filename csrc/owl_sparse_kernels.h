@@ -97,14 +97,20 @@ struct BitmapArgs {
   DType dtype = DType::kHalf;
 };
 
+// `config` as for sparse24_plan (>= 0: that configuration, never swapped).
 cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int64_t max_tile_values,
-                        int device, LaunchPlan* plan);
+                        int device, LaunchPlan* plan, int config = -1);
+
+// The bitmap configuration on Hopper's warpgroup MMA for T tokens (33-128 are what it is
+// for; 1-128 run), or -1: T > 128, not an sm_90a build, or not compute capability 9.0.
+int bitmap_wgmma_config(int T, int device);
 cudaError_t bitmap_run(const BitmapArgs& args, const LaunchPlan& plan,
                        cudaStream_t stream);
 
 // The CUDA-core kernel for 1-8 tokens (same arguments; T > 8 is cudaErrorInvalidValue).
+// (one configuration per token count: `config` must be < 0)
 cudaError_t bitmap_gemv_plan(int T, int N, int K, int requested_splits, int64_t max_tile_values,
-                             int device, LaunchPlan* plan);
+                             int device, LaunchPlan* plan, int config = -1);
 cudaError_t bitmap_gemv_run(const BitmapArgs& args, const LaunchPlan& plan,
                             cudaStream_t stream);
 

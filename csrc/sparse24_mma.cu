@@ -362,19 +362,6 @@ cudaError_t dispatch_sp24(const Sp24Params& p, const LaunchPlan& plan, cudaStrea
   }
 }
 
-bool wgmma_available(int device) {
-#if defined(OWL_SPARSE_SM90A)
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
-    return false;
-  return major == 9 && minor == 0;
-#else
-  (void)device;
-  return false;
-#endif
-}
-
 }  // namespace
 
 int sparse24_wgmma_config(int device) { return wgmma_available(device) ? kWgmmaConfig : -1; }

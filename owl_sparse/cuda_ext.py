@@ -2,7 +2,8 @@
 
 Kernels: ``cuda_sp`` (2:4 on sparse tensor cores, ``mma.sp`` m16n8k32), ``cuda_sp_wgmma``
 (2:4 prefill on Hopper's warpgroup sparse tensor cores, ``wgmma.mma_async.sp``; sm_90a
-builds on H100 / H200 only, 33+ tokens, fewer go to ``cuda_sp``), ``cuda_mma``
+builds on H100 / H200 only, 33+ tokens, fewer go to ``cuda_sp``), ``cuda_mma_wgmma``
+(bitmap, 33-128 tokens, register-built A tiles on ``wgmma.mma_async``, same limits), ``cuda_mma``
 (bitmap on ``mma.sync`` m16n8k16: A registers built from the bitmap per lane up to 32
 tokens, tiles decoded into shared memory beyond) and ``cuda_gemv`` (bitmap on
 CUDA cores for 1-8 tokens, work per kept weight; more tokens go to ``cuda_mma``); fp16 /
@@ -214,7 +215,10 @@ def sparse24_wgmma_config() -> int:
     return int(torch.ops.owl_sparse_C.sparse24_wgmma_config())
 
 
-WGMMA_MIN_TOKENS = 33  # the wgmma tile is 128 tokens wide: fewer go to cuda_sp
+# The wgmma backends serve WGMMA_MIN_TOKENS (2:4: up; bitmap: up to BITMAP_WGMMA_MAX_TOKENS)
+# tokens; other token counts go to cuda_sp / cuda_mma.
+WGMMA_MIN_TOKENS = 33
+BITMAP_WGMMA_MAX_TOKENS = 128
 
 
 # ---------------------------------------------------------------------------- bitmap
@@ -235,8 +239,11 @@ def max_tile_values(packed) -> int:
     return -1 if value is None else value
 
 
-def _bitmap_op(name: str, x2d: Tensor, packed, bias, split_k: int, hint: int | None) -> Tensor:
-    """Run the extension op ``owl_sparse_C.<name>`` (bitmap_mm or bitmap_gemv)."""
+def _bitmap_op(
+    name: str, x2d: Tensor, packed, bias, split_k: int, hint: int | None, *extra
+) -> Tensor:
+    """Run the extension op ``owl_sparse_C.<name>`` (bitmap_mm or bitmap_gemv); ``extra``:
+    trailing op arguments (bitmap_mm's ``config``)."""
     _require()
     _check(x2d, packed, bias)
     hint = max_tile_values(packed) if hint is None else hint
@@ -250,6 +257,7 @@ def _bitmap_op(name: str, x2d: Tensor, packed, bias, split_k: int, hint: int | N
         bias,
         split_k,
         hint,
+        *extra,
     )
 
 
@@ -259,13 +267,26 @@ def bitmap_mm(
     bias: Tensor | None = None,
     split_k: int = 0,
     max_tile_values_hint: int | None = None,
+    config: int = -1,
 ) -> Tensor:
     """``y [T, N] = x2d [T, K] @ W^T + bias`` with W a BitmapWeight (tensor-core decode kernel).
 
     ``max_tile_values_hint``: overrides :func:`max_tile_values` (tests of the kernel's
-    path for tiles larger than its shared buffers; -1 = full-size buffers).
+    path for tiles larger than its shared buffers; -1 = full-size buffers); ``config``:
+    -1 = automatic (never a wgmma one), >= 0 that launch configuration, which must run on
+    this device as it is (:func:`bitmap_wgmma_config` gives the wgmma ones).
     """
-    return _bitmap_op("bitmap_mm", x2d, packed, bias, split_k, max_tile_values_hint)
+    return _bitmap_op("bitmap_mm", x2d, packed, bias, split_k, max_tile_values_hint, config)
+
+
+def bitmap_wgmma_config(tokens: int) -> int:
+    """Index of the bitmap configuration on Hopper's warpgroup MMA (``wgmma.mma_async``,
+    register-built A tiles, 64- or 128-token tiles) for ``tokens`` on the current device,
+    or -1 (more than 128 tokens, not an sm_90a build, or not a compute capability 9.0 GPU).
+    """
+    if not load():
+        return -1
+    return int(torch.ops.owl_sparse_C.bitmap_wgmma_config(tokens))
 
 
 GEMV_MAX_TOKENS = 8
@@ -354,6 +375,20 @@ def _wgmma_available() -> bool:
     return sparse24_wgmma_config() >= 0
 
 
+def _bitmap_wgmma_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
+    """``cuda_mma_wgmma`` for 33-128 tokens; other token counts go to ``cuda_mma``."""
+    if x2d.dtype not in KERNEL_DTYPES:
+        return _fallback("cuda_mma_wgmma", x2d, packed, bias)
+    t = x2d.shape[0]
+    if not WGMMA_MIN_TOKENS <= t <= BITMAP_WGMMA_MAX_TOKENS:
+        return bitmap_mm(x2d, packed, bias)
+    return bitmap_mm(x2d, packed, bias, config=bitmap_wgmma_config(t))
+
+
+def _bitmap_wgmma_available() -> bool:
+    return bitmap_wgmma_config(BITMAP_WGMMA_MAX_TOKENS) >= 0
+
+
 def _bitmap_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
     if x2d.dtype not in KERNEL_DTYPES:
         return _fallback("cuda_mma", x2d, packed, bias)
@@ -378,6 +413,9 @@ def _register() -> None:
     dispatch.register_backend("2:4", "cuda_sp_wgmma", _sparse24_wgmma_backend, _wgmma_available)
     dispatch.register_backend("bitmap", "cuda_mma", _bitmap_backend, available)
     dispatch.register_backend("bitmap", "cuda_gemv", _bitmap_gemv_backend, available)
+    dispatch.register_backend(
+        "bitmap", "cuda_mma_wgmma", _bitmap_wgmma_backend, _bitmap_wgmma_available
+    )
 
 
 _register()

@@ -7,10 +7,10 @@ A backend is ``fn(x2d, packed, bias) -> y2d``: ``x2d`` the activation ``[T, K]``
 :class:`Sparse24Weight`, ``bias`` ``[N]`` or None; it returns a new ``[T, N]`` tensor.
 Built in: ``"dense"`` for every format (``F.linear`` on a dense copy materialised once per
 packed weight and cached), ``"triton_gemv"`` and ``"triton_mm"`` (bitmap) and
-``"triton_gemv"`` (2:4).  ``owl_sparse.cuda_ext`` adds ``"cuda_mma"`` and ``"cuda_gemv"``
-(bitmap) and ``"cuda_sp"`` and ``"cuda_sp_wgmma"`` (2:4) through :func:`register_backend`
-when its extension loads (``cuda_gemv`` and ``cuda_sp_wgmma`` are only ever chosen from
-measurements: the default rules do not name them).
+``"triton_gemv"`` (2:4).  ``owl_sparse.cuda_ext`` adds ``"cuda_mma"``, ``"cuda_gemv"``
+and ``"cuda_mma_wgmma"`` (bitmap) and ``"cuda_sp"`` and ``"cuda_sp_wgmma"`` (2:4) through
+:func:`register_backend` when its extension loads (``cuda_gemv`` and the two wgmma backends
+are only ever chosen from measurements: the default rules do not name them).
 
 Choice, in order (see :func:`choose_backend`)
 --------------------------------------------

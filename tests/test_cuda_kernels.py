@@ -283,6 +283,33 @@ def test_sparse24_wgmma(ext):
     check(ext.sparse24_mm(x, p, config=cfg), x, p.to_dense(), None)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitmap_wgmma(ext, dtype):
+    """The Hopper bitmap tiles (register-built A, wgmma.mma_async m64n64k16 / m64n128k16):
+    present on a compute capability 9.0 GPU, refused elsewhere; against fp64 with an empty
+    row and tile, a partial row block, K % 8 == 4, partial token tiles, split-K, tiles too
+    large for the shared slot (hint 0), full and zero masks."""
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    if not hopper:
+        assert ext.bitmap_wgmma_config(64) == -1
+        pytest.skip("wgmma needs a compute capability 9.0 GPU")
+    assert ext.bitmap_wgmma_config(129) == -1
+    n, k = 200, 1004
+    for t, splits, hint in ((33, 0, None), (64, 3, None), (100, 0, 0), (128, 2, None)):
+        cfg = ext.bitmap_wgmma_config(t)
+        assert cfg >= 0, "no wgmma kernel in this build (it must target sm_90a on Hopper)"
+        assert ext.plan("bitmap", t, n, k, splits, config=cfg)["block_n"] == (
+            64 if t <= 64 else 128
+        )
+        for pattern in ("random", "zero", "full") if t == 64 else ("random",):
+            p = make_bitmap(n, k, dtype, t, pattern=pattern)
+            x = torch.randn(t, k, device="cuda", dtype=dtype)
+            bias = torch.randn(n, device="cuda", dtype=dtype) if t % 2 else None
+            poison(t * n, dtype)
+            y = ext.bitmap_mm(x, p, bias, split_k=splits, max_tile_values_hint=hint, config=cfg)
+            check(y, x, p.to_dense(), bias)
+
+
 def test_errors_name_the_shapes(ext):
     p = make_24(32, 128, torch.float16, 4)
     vm, mm = ext.mma_tensors(p)
@@ -318,8 +345,9 @@ def test_dispatch_runs_the_cuda_backends(ext):
     assert "cuda_sp" in dispatch.backends("2:4", only_available=True)
     assert "cuda_mma" in dispatch.backends("bitmap", only_available=True)
     assert "cuda_gemv" in dispatch.backends("bitmap", only_available=True)
-    wgmma = "cuda_sp_wgmma" in dispatch.backends("2:4", only_available=True)
-    assert wgmma == (torch.cuda.get_device_capability() == (9, 0))
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert ("cuda_sp_wgmma" in dispatch.backends("2:4", only_available=True)) == hopper
+    assert ("cuda_mma_wgmma" in dispatch.backends("bitmap", only_available=True)) == hopper
     p24 = make_24(96, 256, torch.bfloat16, 6)
     pbm = make_bitmap(96, 256, torch.bfloat16, 6)
     x = torch.randn(2, 3, 256, device="cuda", dtype=torch.bfloat16)

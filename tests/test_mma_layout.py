@@ -272,7 +272,7 @@ WG_BN, WG_LBO, WG_SBO = 128, 2048, 128
 
 
 def wgmma_x_offset(r: int, q: int) -> int:
-    """Sp24WgmmaKernel::x_offset: byte offset of granule q of token row r (core matrices)."""
+    """core_offset<128> (wgmma_common.cuh): byte offset of granule q of token row r."""
     return ((q * (WG_BN // 8) + (r >> 3)) * 8 + (r & 7)) * 16
 
 
@@ -357,6 +357,36 @@ def emulate_sp24_wgmma(x, vm, mm, n, k, splits):
                                         if gr < n and gt < t_tok:
                                             y[gt, gr] += acc[wg, i, w, lane, 4 * j + q]
     return y
+
+
+def core_stage(x: torch.Tensor, n0: int, bn: int, st: int) -> torch.Tensor:
+    """load_x_core<bn>: the [bn, 128] activation tile of stage st in core-matrix layout,
+    as fp64 per 2 bytes (zero past T and K; 8-byte granules land where 16-byte ones do)."""
+    t_tok, k = x.shape
+    xs = torch.full((bn * 128,), float("nan"), dtype=torch.float64)
+    lbo = bn // 8 * 128
+    for r in range(bn):
+        for q in range(16):
+            gt, gk = n0 + r, st * 128 + q * 8
+            vals = torch.zeros(8, dtype=torch.float64)
+            if gt < t_tok and gk < k:
+                row = x[gt, gk : gk + 8].double()
+                vals[: row.numel()] = row
+            off = ((q * (bn // 8) + (r >> 3)) * 8 + (r & 7)) * 16
+            assert off == q * lbo + (r >> 3) * 128 + (r & 7) * 16
+            xs[off // 2 : off // 2 + 8] = vals
+    return xs
+
+
+@pytest.mark.parametrize("nt_n", [8, 16])
+def test_bitmap_wgmma_emulation_matches_dense(nt_n):
+    """The Hopper bitmap tiles: two row blocks (the second with one valid row tile and
+    three warps multiplying zeros), an empty tile, a partial token tile, split-K."""
+    p = random_bitmap(72, 260, 0.3, seed=nt_n)
+    x = torch.randn(nt_n * 8 - 3, 260, generator=torch.Generator().manual_seed(2)).half()
+    y = emulate_bitmap_frag(x, p, 4, nt_n, 2, wgmma=True)
+    ref = x.double() @ p.to_dense().double().t()
+    torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
 
 
 def test_sp24_wgmma_emulation_matches_dense():
@@ -528,8 +558,10 @@ def frag_tile(words, offs, vals, rt, kt, m_tiles, k_stages):
     return frags
 
 
-def emulate_bitmap_frag(x, p: BitmapWeight, n_warps, nt_n, splits):
-    """The decode configurations: warp w multiplies row tile w of its block."""
+def emulate_bitmap_frag(x, p: BitmapWeight, n_warps, nt_n, splits, wgmma=False):
+    """The decode configurations: warp w multiplies row tile w of its block.  ``wgmma``:
+    the Hopper variant -- the same A registers (zeros for a skipped tile), B read through
+    the descriptor from the core-matrix activation tile, one m64nBNk16 per k16 step."""
     n, t_tok = p.N, x.shape[0]
     np_, kp = p.padded_shape
     m_tiles, k_stages = np_ // 16, kp // 128
@@ -543,9 +575,28 @@ def emulate_bitmap_frag(x, p: BitmapWeight, n_warps, nt_n, splits):
                 for warp in range(n_warps):
                     acc = torch.zeros(1, nt_n, 32, 4, dtype=torch.float64)
                     for kt in range(st0, st1):
-                        frags = frag_tile(
-                            words, offs, vals, bx * bm // 16 + warp, kt, m_tiles, k_stages
-                        )
+                        rt = bx * bm // 16 + warp
+                        frags = frag_tile(words, offs, vals, rt, kt, m_tiles, k_stages)
+                        if wgmma:
+                            zero = torch.zeros(32, 8, dtype=torch.float64)
+                            frags = frags or [[zero, zero] for _ in range(4)]
+                            xs = core_stage(x, by * bn, bn, kt)
+                            lbo = bn // 8 * 128
+                            for c in range(4):
+                                for h in range(2):
+                                    desc = smem_desc(2 * (2 * c + h) * lbo, lbo, 128)
+                                    bmat = read_b_k_major(xs, desc, 16, bn)
+                                    for nt in range(nt_n):
+                                        b = torch.zeros(32, 4, dtype=torch.float64)
+                                        for lane in range(32):
+                                            g, t = lane_gt(lane)
+                                            for r in range(2):
+                                                k0 = 2 * t + 8 * r
+                                                b[lane, 2 * r : 2 * r + 2] = bmat[
+                                                    k0 : k0 + 2, 8 * nt + g
+                                                ]
+                                        acc[0, nt] += mma_16816(frags[c][h], b)
+                            continue
                         if frags is None:
                             continue
                         xs = x_stage(x, by * bn, bn, kt)
