@@ -10,7 +10,9 @@
 #   5. compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cuda.py.
 #
 # Steps are skipped once DIAG_BUDGET_S (default 540) seconds have passed; DIAG_STEPS
-# (default "tests prune ncu sanitize") picks steps; DIAG_PYTEST_MARK (default "gpu") the tests.  Logs: $OUT/diag.log (and the pruning
+# (default "tests prune ncu sanitize") picks steps; DIAG_PYTEST_MARK (default "gpu") the tests,
+# DIAG_TEST_FILES (default: every test file with GPU tests) the files, DIAG_NCU_CASES the
+# profiled cases ("format tokens [--wgmma]", comma-separated).  Logs: $OUT/diag.log (and the pruning
 # JSON in $OUT/prune-7b.json) when $OUT is set, else /tmp/owl_diag.
 #   run(command="bash benchmarks/gpu_diag.sh", carry=["gpu_data"])
 set -u -o pipefail
@@ -48,7 +50,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 
 if want tests; then
-    for f in $(grep -l "gpu" tests/test_*.py); do
+    for f in ${DIAG_TEST_FILES:-$(grep -l "gpu" tests/test_*.py)}; do
         run_for 150 $PY -m pytest -m "${DIAG_PYTEST_MARK:-gpu}" -q -rfE -p no:cacheprovider "$f"
         rc=$?
         if ((rc > 1 && rc != 5 && rc != 124)) && command -v cuda-gdb >/dev/null; then
@@ -65,13 +67,15 @@ if want prune; then
 fi
 
 if want ncu && command -v ncu >/dev/null; then
-    for c in "bitmap 1" "bitmap 16" "bitmap 128" "2:4 1" "2:4 2048"; do
+    # DIAG_NCU_CASES: "format tokens [--wgmma]" items separated by commas
+    IFS=, read -ra CASES <<<"${DIAG_NCU_CASES:-bitmap 16,bitmap 64 --wgmma,2:4 16,2:4 2048,2:4 2048 --wgmma}"
+    for c in "${CASES[@]}"; do
         set -- $c
-        run_for 60 ncu --kernel-name regex:'bitmap_kernel|sp24_kernel' --launch-skip 2 --launch-count 1 \
+        run_for 60 ncu --kernel-name regex:'bitmap_kernel|sp24' --launch-skip 2 --launch-count 1 \
             --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
             --section MemoryWorkloadAnalysis \
-            $PY benchmarks/profile_cuda.py --format "$1" --tokens "$2" --sparsity 0.7 |
-            grep -v "^==PROF==" | grep -E "bitmap|sparse24|Duration|Throughput|Registers|Shared Memory|Achieved|Theoretical Occ|Block Size|Grid Size|Waves|Stall|Warp Cycles|Issued|Eligible|L1/TEX Hit|L2 Hit|Mem Busy|Max Bandwidth|WRN|OPT|Bank" | cut -c1-200
+            $PY benchmarks/profile_cuda.py --format "$1" --tokens "$2" ${3:-} --sparsity 0.7 |
+            grep -v "^==PROF==" | grep -E "bitmap|sp24|Duration|Throughput|Registers|Shared Memory|Achieved|Theoretical Occ|Block Size|Grid Size|Waves|Stall|Warp Cycles|Issued|Eligible|L1/TEX Hit|L2 Hit|Mem Busy|Max Bandwidth|WRN|OPT|Bank" | cut -c1-200
     done
 fi
 

@@ -6,7 +6,7 @@ timings, this driver only feeds the profiler.
 
 Usage (GPU machine)::
 
-    ncu --kernel-name regex:'bitmap|sparse24' --launch-skip 2 --launch-count 1 \\
+    ncu --kernel-name regex:'bitmap_kernel|sp24' --launch-skip 2 --launch-count 1 \\
         --section SpeedOfLight --section WarpStateStats \\
         python benchmarks/profile_cuda.py --format bitmap --tokens 16 --sparsity 0.7
 """
@@ -30,6 +30,9 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--sparsity", type=float, default=0.7, help="bitmap only")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--wgmma", action="store_true", help="the Hopper wgmma configuration (sm_90a builds)"
+    )
     args = p.parse_args(argv)
     if not cuda_ext.load():
         raise SystemExit(f"CUDA extension unavailable: {cuda_ext.status()}")
@@ -39,13 +42,17 @@ def main(argv=None) -> None:
     if args.format == "bitmap":
         mask = torch.rand(args.n, args.k, device="cuda", generator=gen) >= args.sparsity
         packed, fn = BitmapWeight.from_dense(w, mask), cuda_ext.bitmap_mm
+        config = cuda_ext.bitmap_wgmma_config(args.tokens) if args.wgmma else -1
     else:
         top2 = w.view(args.n, -1, 4).abs().topk(2, dim=-1).indices
         mask = torch.zeros(args.n, args.k // 4, 4, dtype=torch.bool, device="cuda")
         mask.scatter_(-1, top2, True)
         packed, fn = Sparse24Weight.from_dense(w, mask.view(args.n, args.k)), cuda_ext.sparse24_mm
+        config = cuda_ext.sparse24_wgmma_config() if args.wgmma else -1
+    if args.wgmma and config < 0:
+        raise SystemExit(f"no wgmma configuration for {args.format} at {args.tokens} tokens here")
     for _ in range(args.repeats):
-        fn(x, packed, None)
+        fn(x, packed, None, config=config)
     torch.cuda.synchronize()
     print(f"{args.format} N={args.n} K={args.k} T={args.tokens}: {args.repeats} launches")
 
