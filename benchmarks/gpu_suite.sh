@@ -11,7 +11,7 @@
 # (default 530) and a failed step is recorded, not fatal.  When $OUT is set, the results,
 # the dispatch table and the logs are copied there as well (at most 8 files).
 # Overrides (a dry run on a CPU machine, say): SKIP_BUILD=1, KERNEL_ARGS, E2E_ARGS,
-# PRUNE_ARGS, RESULTS_DIR, PYTHON.
+# PRUNE_ARGS, RESULTS_DIR, PYTHON, SMOKE_BACKENDS, OWL_SPARSE_DISABLE.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -63,6 +63,18 @@ step cuda-ext 40 $PY -c "from owl_sparse import cuda_ext; ok = cuda_ext.load(); 
 TIMEOUT_ARGS=""
 $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS="--timeout 60"
 step gpu-tests "$(cap 150)" bash -c "set -o pipefail; $PY -m pytest -m 'gpu and not slow' -q -rfE -p no:cacheprovider $TIMEOUT_ARGS tests 2>&1 | tee $PARTS/gpu_tests.log"
+
+# 2b. backends that have not run on a GPU before: one small check each in its own process;
+#     any that fails (or faults) is switched off for the benchmarks below, so that it cannot
+#     end the CUDA context of a whole benchmark (OWL_SPARSE_DISABLE, owl_sparse/dispatch.py)
+DISABLED=${OWL_SPARSE_DISABLE:-}
+for b in ${SMOKE_BACKENDS:-cuda_gemv cuda_sp_wgmma cuda_mma_wgmma}; do
+    if ! step "smoke-$b" "$(cap 60)" $PY -m benchmarks.smoke_backend "$b"; then
+        DISABLED="${DISABLED:+$DISABLED,}$b"
+    fi
+done
+export OWL_SPARSE_DISABLE="$DISABLED"
+echo "switched off for the benchmarks: ${OWL_SPARSE_DISABLE:-none}"
 
 # 3. benchmarks (each stops starting new work at its own --budget-s)
 LIM=$(cap 150)

@@ -30,6 +30,8 @@ Choice, in order (see :func:`choose_backend`)
    GPU, fmt, dtype and bucket when N and K are each within 2x of it
    (``|log2 N/N'| + |log2 K/K'| <= 1``).  The benchmark writes ``"dense"`` wherever no
    kernel beats dense, so the table never picks a kernel measured slower than dense.
+   Entries naming a backend that is unavailable here (or switched off with
+   ``OWL_SPARSE_DISABLE="cuda_sp_wgmma,..."``) are passed over.
 3. default rules where no measurement is near (unmeasured, conservative): 2:4 at
    <= 16 tokens uses the first available of ``cuda_sp`` / ``triton_gemv``; bitmap at
    sparsity >= 0.5 and <= 16 tokens uses ``cuda_mma`` / ``triton_gemv`` only on a GPU with
@@ -99,7 +101,16 @@ def backends(fmt: str, only_available: bool = False) -> list[str]:
     return [n for n, b in regs.items() if not only_available or _is_available(b)]
 
 
+def disabled_backends() -> set[str]:
+    """Backend names switched off by ``OWL_SPARSE_DISABLE`` ("cuda_sp_wgmma,cuda_gemv"):
+    they count as unavailable everywhere (the table skips them, forcing one is an error)."""
+    names = {n.strip() for n in os.environ.get("OWL_SPARSE_DISABLE", "").split(",")}
+    return names - {"", "dense"}  # dense is every format's fallback: never switched off
+
+
 def _is_available(b: Backend) -> bool:
+    if b.name in disabled_backends():
+        return False
     try:
         return bool(b.available())
     except Exception as exc:  # an availability probe must never break dispatch

@@ -174,6 +174,23 @@ def test_force_backend_and_env(monkeypatch):
         dispatch.choose_backend("bitmap", x, p)
 
 
+def test_disabled_backends_are_unavailable(monkeypatch):
+    _, p = bitmap_weight()
+    x = torch.randn(2, 136)
+    dispatch.register_backend("bitmap", "test_off", lambda x2d, packed, bias: None, lambda: True)
+    try:
+        assert "test_off" in dispatch.backends("bitmap", only_available=True)
+        monkeypatch.setenv("OWL_SPARSE_DISABLE", " test_off , dense")
+        assert dispatch.disabled_backends() == {"test_off"}  # dense cannot be switched off
+        assert "test_off" not in dispatch.backends("bitmap", only_available=True)
+        assert "dense" in dispatch.backends("bitmap", only_available=True)
+        with pytest.raises(InputError, match="not registered or not available"):
+            with dispatch.force_backend("bitmap", "test_off"):
+                dispatch.choose_backend("bitmap", x, p)
+    finally:
+        dispatch._BACKENDS["bitmap"].pop("test_off", None)
+
+
 def test_register_backend_is_used(monkeypatch):
     calls = []
 
