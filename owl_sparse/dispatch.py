@@ -103,9 +103,25 @@ def backends(fmt: str, only_available: bool = False) -> list[str]:
 
 def disabled_backends() -> set[str]:
     """Backend names switched off by ``OWL_SPARSE_DISABLE`` ("cuda_sp_wgmma,cuda_gemv"):
-    they count as unavailable everywhere (the table skips them, forcing one is an error)."""
-    names = {n.strip() for n in os.environ.get("OWL_SPARSE_DISABLE", "").split(",")}
-    return names - {"", "dense"}  # dense is every format's fallback: never switched off
+    they count as unavailable everywhere (the table skips them, forcing one is an error).
+    ``dense`` is every format's fallback and is never switched off; a name no format has
+    registered is reported once (a typo would otherwise switch nothing off)."""
+    return _parse_disabled(os.environ.get("OWL_SPARSE_DISABLE", ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_disabled(spec: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in spec.split(",")) - {"", "dense"}
+    _load_plugins()
+    known = {n for regs in _BACKENDS.values() for n in regs}
+    unknown = sorted(names - known)
+    if unknown:
+        log.warning(
+            "OWL_SPARSE_DISABLE names no registered backend: %s (registered: %s)",
+            ", ".join(unknown),
+            ", ".join(sorted(known)),
+        )
+    return names
 
 
 def _is_available(b: Backend) -> bool:

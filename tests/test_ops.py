@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 
 import pytest
 import torch
@@ -174,7 +175,7 @@ def test_force_backend_and_env(monkeypatch):
         dispatch.choose_backend("bitmap", x, p)
 
 
-def test_disabled_backends_are_unavailable(monkeypatch):
+def test_disabled_backends_are_unavailable(monkeypatch, caplog):
     _, p = bitmap_weight()
     x = torch.randn(2, 136)
     dispatch.register_backend("bitmap", "test_off", lambda x2d, packed, bias: None, lambda: True)
@@ -182,6 +183,10 @@ def test_disabled_backends_are_unavailable(monkeypatch):
         assert "test_off" in dispatch.backends("bitmap", only_available=True)
         monkeypatch.setenv("OWL_SPARSE_DISABLE", " test_off , dense")
         assert dispatch.disabled_backends() == {"test_off"}  # dense cannot be switched off
+        monkeypatch.setenv("OWL_SPARSE_DISABLE", "test_off,cuda_typo")
+        with caplog.at_level(logging.WARNING, logger="owl_sparse.dispatch"):
+            assert dispatch.disabled_backends() == {"test_off", "cuda_typo"}
+        assert "cuda_typo" in caplog.text
         assert "test_off" not in dispatch.backends("bitmap", only_available=True)
         assert "dense" in dispatch.backends("bitmap", only_available=True)
         with pytest.raises(InputError, match="not registered or not available"):
