@@ -360,6 +360,7 @@ __device__ __forceinline__ void store_block(uint8_t* smem, const float (&acc)[MT
 struct DeviceLimits {
   int num_sms = 0;
   int max_smem_optin = 0;
+  int cc_major = 0, cc_minor = 0;  // compute capability
 };
 
 // Cached per device: cudaDeviceGetAttribute is cheap but not free, and plans are made
@@ -376,6 +377,10 @@ inline cudaError_t device_limits(int device, DeviceLimits* out) {
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&lim.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&lim.cc_major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&lim.cc_minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) return err;
   if (device >= 0 && device < kMaxDevices) cache[device] = lim;
   *out = lim;

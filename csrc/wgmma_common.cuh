@@ -22,11 +22,9 @@ namespace owl {
 // 9.0 exactly: arch-specific code runs on no other GPU).
 inline bool wgmma_available(int device) {
 #if defined(OWL_SPARSE_SM90A)
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
-    return false;
-  return major == 9 && minor == 0;
+  DeviceLimits lim;
+  if (device_limits(device, &lim) != cudaSuccess) return false;
+  return lim.cc_major == 9 && lim.cc_minor == 0;
 #else
   (void)device;
   return false;

@@ -4,7 +4,7 @@ Kernels: ``cuda_sp`` (2:4 on sparse tensor cores, ``mma.sp`` m16n8k32), ``cuda_s
 (2:4 prefill on Hopper's warpgroup sparse tensor cores, ``wgmma.mma_async.sp``; sm_90a
 builds on H100 / H200 only, 33+ tokens, fewer go to ``cuda_sp``), ``cuda_mma_wgmma``
 (bitmap, 33-128 tokens, register-built A tiles on ``wgmma.mma_async``, same limits), ``cuda_mma``
-(bitmap on ``mma.sync`` m16n8k16: A registers built from the bitmap per lane up to 32
+(bitmap on ``mma.sync`` m16n8k16: A registers built from the bitmap per lane up to 128
 tokens, tiles decoded into shared memory beyond) and ``cuda_gemv`` (bitmap on
 CUDA cores for 1-8 tokens, work per kept weight; more tokens go to ``cuda_mma``); fp16 /
 bf16, sm_80+.
@@ -26,6 +26,7 @@ imports it on CUDA machines).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -70,7 +71,7 @@ def _jit_build() -> str:
     )
     cuda_flags = ["-O3", "-lineinfo"]
     if (major, minor) == (9, 0):
-        # Hopper: sm_90a machine code for the 2:4 wgmma kernel (an explicit -gencode makes
+        # Hopper: sm_90a machine code for the wgmma kernels (an explicit -gencode makes
         # torch add no arch flags of its own; see setup.py)
         cuda_flags += ["-gencode=arch=compute_90a,code=sm_90a", "-DOWL_SPARSE_SM90A"]
     cpp_load(
@@ -212,7 +213,17 @@ def sparse24_wgmma_config() -> int:
     compute capability 9.0 GPU (H100 / H200)."""
     if not load():
         return -1
-    return int(torch.ops.owl_sparse_C.sparse24_wgmma_config())
+    return _wgmma_config("sparse24", torch.cuda.current_device(), 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _wgmma_config(kind: str, device: int, tokens: int) -> int:
+    """The extension's answer, once per (kind, device, tokens): it is fixed by the build and
+    the GPU, and the backends ask on every call."""
+    with torch.cuda.device(device):
+        if kind == "sparse24":
+            return int(torch.ops.owl_sparse_C.sparse24_wgmma_config())
+        return int(torch.ops.owl_sparse_C.bitmap_wgmma_config(tokens))
 
 
 # The wgmma backends serve WGMMA_MIN_TOKENS (2:4: up; bitmap: up to BITMAP_WGMMA_MAX_TOKENS)
@@ -286,7 +297,7 @@ def bitmap_wgmma_config(tokens: int) -> int:
     """
     if not load():
         return -1
-    return int(torch.ops.owl_sparse_C.bitmap_wgmma_config(tokens))
+    return _wgmma_config("bitmap", torch.cuda.current_device(), int(tokens))
 
 
 GEMV_MAX_TOKENS = 8
@@ -368,7 +379,7 @@ def _sparse24_wgmma_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
         return _fallback("cuda_sp_wgmma", x2d, packed, bias)
     if x2d.shape[0] < WGMMA_MIN_TOKENS:
         return sparse24_mm(x2d, packed, bias)
-    return sparse24_mm(x2d, packed, bias, config=sparse24_wgmma_config())
+    return sparse24_mm(x2d, packed, bias, config=_wgmma_config("sparse24", x2d.device.index, 0))
 
 
 def _wgmma_available() -> bool:
@@ -382,7 +393,7 @@ def _bitmap_wgmma_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
     t = x2d.shape[0]
     if not WGMMA_MIN_TOKENS <= t <= BITMAP_WGMMA_MAX_TOKENS:
         return bitmap_mm(x2d, packed, bias)
-    return bitmap_mm(x2d, packed, bias, config=bitmap_wgmma_config(t))
+    return bitmap_mm(x2d, packed, bias, config=_wgmma_config("bitmap", x2d.device.index, t))
 
 
 def _bitmap_wgmma_available() -> bool:
