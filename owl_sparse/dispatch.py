@@ -34,9 +34,12 @@ Choice, in order (see :func:`choose_backend`)
    ``OWL_SPARSE_DISABLE="cuda_sp_wgmma,..."``) are passed over.
 3. default rules where no measurement is near (unmeasured, conservative): 2:4 at
    <= 16 tokens uses the first available of ``cuda_sp`` / ``triton_gemv``; bitmap at
-   sparsity >= 0.5 and <= 16 tokens uses ``cuda_mma`` / ``triton_gemv`` only on a GPU with
-   no bitmap measurements at all (where some exist, they showed where the kernels lose,
-   so an unmeasured shape runs dense); everything else runs dense.
+   sparsity >= 0.5 and <= 16 tokens uses ``triton_gemv`` only on a GPU with no bitmap
+   measurements at all (where some exist, they showed where the kernels lose, so an
+   unmeasured shape runs dense); everything else runs dense.  A default rule names only
+   kernels whose current code has passed the GPU tests on real hardware: ``cuda_mma``'s
+   decode path was rewritten after its last GPU run (2026-11-23), so until a GPU run
+   has checked it, only a measured table picks it.
 
 The dense cache holds one dense copy per packed weight (keyed on its storages, dropped
 when they are freed).  ``OWL_SPARSE_DENSE_CACHE_MB`` caps it (default: no cap); past the
@@ -68,7 +71,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("bitmap", "2:4")
 TABLE_DIR = Path(__file__).resolve().parent / "dispatch_tables"
-DEFAULT_ORDER = {"bitmap": ("cuda_mma", "triton_gemv"), "2:4": ("cuda_sp", "triton_gemv")}
+DEFAULT_ORDER = {"bitmap": ("triton_gemv",), "2:4": ("cuda_sp", "triton_gemv")}
 DEFAULT_MAX_TOKENS = 16
 DEFAULT_MIN_SPARSITY = 0.5
 
