@@ -36,10 +36,10 @@ Choice, in order (see :func:`choose_backend`)
    <= 16 tokens uses the first available of ``cuda_sp`` / ``triton_gemv``; bitmap at
    sparsity >= 0.5 and <= 16 tokens uses ``triton_gemv`` only on a GPU with no bitmap
    measurements at all (where some exist, they showed where the kernels lose, so an
-   unmeasured shape runs dense); everything else runs dense.  A default rule names only
-   kernels whose current code has passed the GPU tests on real hardware: ``cuda_mma``'s
-   decode path was rewritten after its last GPU run (2026-11-23), so until a GPU run
-   has checked it, only a measured table picks it.
+   unmeasured shape runs dense); everything else runs dense.  ``cuda_mma``'s decode path
+   was rewritten after its last GPU run (2026-11-23), so no default rule names it until a
+   GPU run has checked it (a measured table can pick it); ``cuda_sp``'s decode kernels
+   changed only in how the shared compute step reads their prefetched registers.
 
 The dense cache holds one dense copy per packed weight (keyed on its storages, dropped
 when they are freed).  ``OWL_SPARSE_DENSE_CACHE_MB`` caps it (default: no cap); past the
