@@ -395,6 +395,11 @@ struct BitmapKernel {
       }
     wgmma_commit();
     wgmma_wait_all();  // the slot may be refilled after the next barrier
+    wgmma_keep(acc);
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wgmma_keep(a[c][h]);
   }
 #endif
 

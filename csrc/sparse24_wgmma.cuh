@@ -104,6 +104,12 @@ struct Sp24WgmmaKernel {
           }
           wgmma_commit();
           wgmma_wait_all();  // the slot may be refilled after the next barrier
+#pragma unroll
+          for (int i = 0; i < kM64; ++i) {
+            wgmma_keep(acc[i]);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) wgmma_keep(a[i][c]);
+          }
         });
 
     cp_async_wait<0>();

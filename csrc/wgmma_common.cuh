@@ -76,6 +76,23 @@ __device__ __forceinline__ void wgmma_commit() {
 __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
+// Register operands of wgmma.mma_async are read asynchronously: they must stay untouched
+// until wgmma.wait_group.  An empty asm that "modifies" them after the wait keeps every
+// one of them live (and in place) up to that point, whatever the compiler schedules.
+template <int N>
+__device__ __forceinline__ void wgmma_keep(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_keep(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+__device__ __forceinline__ void wgmma_keep(uint4& r) {
+  asm volatile("" : "+r"(r.x), "+r"(r.y), "+r"(r.z), "+r"(r.w)::"memory");
+}
+
 // Shared-memory matrix descriptor, no swizzle: start address, leading and stride byte
 // offsets (all in 16-byte units, 14 bits each), base offset 0, layout type 0.
 __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
