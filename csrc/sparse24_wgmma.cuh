@@ -107,6 +107,7 @@ struct Sp24WgmmaKernel {
 #pragma unroll
           for (int i = 0; i < kM64; ++i) {
             wgmma_keep(acc[i]);
+            wgmma_keep(m[i]);
 #pragma unroll
             for (int c = 0; c < 4; ++c) wgmma_keep(a[i][c]);
           }

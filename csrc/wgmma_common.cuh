@@ -92,6 +92,9 @@ __device__ __forceinline__ void wgmma_keep(uint32_t (&r)[N]) {
 __device__ __forceinline__ void wgmma_keep(uint4& r) {
   asm volatile("" : "+r"(r.x), "+r"(r.y), "+r"(r.z), "+r"(r.w)::"memory");
 }
+__device__ __forceinline__ void wgmma_keep(uint2& r) {
+  asm volatile("" : "+r"(r.x), "+r"(r.y)::"memory");
+}
 
 // Shared-memory matrix descriptor, no swizzle: start address, leading and stride byte
 // offsets (all in 16-byte units, 14 bits each), base offset 0, layout type 0.
