@@ -28,6 +28,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include <algorithm>
 #include <cstdio>
 #include <type_traits>
@@ -119,6 +121,14 @@ void check_same(const at::Tensor& t, const at::Tensor& x, const char* name, cons
               x.device());
 }
 
+// What a planning error means for the caller (cudaGetErrorString alone is too terse).
+std::string plan_error(cudaError_t err) {
+  if (err == cudaErrorInvalidConfiguration)
+    return "more token tiles or K splits than one launch takes (65535): pass fewer tokens per "
+           "call or a smaller split_k";
+  return cudaGetErrorString(err);
+}
+
 // Workspace for split-K: fp32 partials [splits, T, N] and zeroed int32 tile counters.
 struct Workspace {
   at::Tensor partials, counters;
@@ -168,7 +178,7 @@ at::Tensor sparse24_mm(const at::Tensor& x_in, const at::Tensor& values_mma,
   cudaError_t err = owl::sparse24_plan((int)t, (int)n, (int)k, (int)split_k,
                                        x.device().index(), &plan, (int)config);
   OWL_CHECK(err == cudaSuccess, op, ": planning failed for x ", shape_str(x), ", weight [", n,
-              ", ", k, "], config ", config, ": ", cudaGetErrorString(err));
+              ", ", k, "], config ", config, ": ", plan_error(err));
   Workspace ws = make_workspace(plan, x);
   owl::Sparse24Args a;
   a.x = x.data_ptr();
@@ -241,7 +251,7 @@ at::Tensor bitmap_op(const at::Tensor& x_in, const at::Tensor& bitmap, const at:
   cudaError_t err = plan_fn((int)t, (int)n, (int)k_run, (int)split_k, max_tile_values,
                             x.device().index(), &plan, (int)config);
   OWL_CHECK(err == cudaSuccess, op, ": planning failed for x ", shape_str(x_in), ", weight [",
-              n, ", ", k, "], config ", config, ": ", cudaGetErrorString(err));
+              n, ", ", k, "], config ", config, ": ", plan_error(err));
   Workspace ws = make_workspace(plan, x);
   owl::BitmapArgs a;
   a.x = x.data_ptr();
@@ -299,7 +309,7 @@ std::vector<int64_t> plan_op(const std::string& kind, int64_t t, int64_t n, int6
               kind.c_str(), "'");
   }
   OWL_CHECK(err == cudaSuccess, "owl_sparse_C::plan(", kind.c_str(), ", T=", t, ", N=", n, ", K=", k,
-              "): ", cudaGetErrorString(err));
+              "): ", plan_error(err));
   return {p.config, p.block_m, p.block_n, p.grid_m, p.grid_n, p.splits, p.smem_bytes};
 }
 

@@ -747,7 +747,7 @@ cudaError_t bitmap_plan(int T, int N, int K, int requested_splits, int64_t max_t
   finish_plan(T, N, K, requested_splits, bitmap_smem_bytes(c, vcap),
               min_blocks > 0 ? min_blocks : 4, lim, &out);
   *plan = out;
-  return cudaSuccess;
+  return check_grid(out);
 }
 
 int bitmap_wgmma_config(int T, int device) {
@@ -781,13 +781,13 @@ cudaError_t bitmap_gemv_plan(int T, int N, int K, int requested_splits, int64_t 
               GemvKernel::gemv_smem_bytes(vals_capacity(max_tile_values)), kGemvBlocksPerSm, lim,
               &out);
   *plan = out;
-  return cudaSuccess;
+  return check_grid(out);
 }
 
 cudaError_t bitmap_gemv_run(const BitmapArgs& a, const LaunchPlan& plan, cudaStream_t stream) {
   if (plan.splits > 1 && (a.partials == nullptr || a.counters == nullptr))
     return cudaErrorInvalidValue;
-  if (a.T > kGemvTokens[plan.config < kNumGemvConfigs ? plan.config : 0])
+  if (plan.config < 0 || plan.config >= kNumGemvConfigs || a.T > kGemvTokens[plan.config])
     return cudaErrorInvalidValue;
   const BitmapParams p = make_params(a, plan);
   if (a.dtype == DType::kHalf) return dispatch_gemv<__half>(p, plan, stream);

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 
 #include "owl_sparse_kernels.h"
 
@@ -288,8 +289,11 @@ struct EpilogueArgs {
 // split order (deterministic) and writes y; it resets the tile counter to zero.
 // Memory ordering is the classic threadfence reduction: partial stores, __threadfence,
 // atomic ticket; the last block fences again and reads with ld.global.cg (L2).
+// The ticket goes through cs's first word once the partial tile has left it, so no kernel
+// has static shared memory (dynamic + static must fit the opt-in maximum that plans and
+// allow_smem size the dynamic part against).
 template <typename T, int BM, int BN, int NTHREADS>
-__device__ void epilogue(const float* cs, const EpilogueArgs& ep, int m0, int n0, int split,
+__device__ void epilogue(float* cs, const EpilogueArgs& ep, int m0, int n0, int split,
                          int tile_id, int tid) {
   constexpr int LD = BM + 4;
   T* y = static_cast<T*>(ep.y);
@@ -303,11 +307,11 @@ __device__ void epilogue(const float* cs, const EpilogueArgs& ep, int m0, int n0
       if (gt < ep.T && gr < ep.N) part[(int64_t)gt * ep.N + gr] = cs[tok * LD + row];
     }
     __threadfence();
+    __syncthreads();  // every read of cs is done: its first word can carry the ticket
+    int* is_last = reinterpret_cast<int*>(cs);
+    if (tid == 0) *is_last = atomicAdd(ep.counters + tile_id, 1) == ep.splits - 1;
     __syncthreads();
-    __shared__ int s_is_last;
-    if (tid == 0) s_is_last = atomicAdd(ep.counters + tile_id, 1) == ep.splits - 1;
-    __syncthreads();
-    if (!s_is_last) return;
+    if (!*is_last) return;
     __threadfence();
     for (int idx = tid; idx < BN * BM; idx += NTHREADS) {
       const int tok = idx / BM, row = idx % BM;
@@ -364,11 +368,15 @@ struct DeviceLimits {
 };
 
 // Cached per device: cudaDeviceGetAttribute is cheap but not free, and plans are made
-// on every call.
+// on every call.  An entry is published through `ready` (release / acquire) only once it
+// is complete, so a host thread never plans from a half-written entry.
 inline cudaError_t device_limits(int device, DeviceLimits* out) {
   constexpr int kMaxDevices = 64;
   static DeviceLimits cache[kMaxDevices];
-  if (device >= 0 && device < kMaxDevices && cache[device].num_sms > 0) {
+  static std::atomic<bool> ready[kMaxDevices];
+  static std::mutex fill;
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable && ready[device].load(std::memory_order_acquire)) {
     *out = cache[device];
     return cudaSuccess;
   }
@@ -382,9 +390,23 @@ inline cudaError_t device_limits(int device, DeviceLimits* out) {
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&lim.cc_minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) return err;
-  if (device >= 0 && device < kMaxDevices) cache[device] = lim;
+  if (cacheable) {
+    const std::lock_guard<std::mutex> lock(fill);
+    if (!ready[device].load(std::memory_order_relaxed)) {
+      cache[device] = lim;
+      ready[device].store(true, std::memory_order_release);
+    }
+  }
   *out = lim;
   return cudaSuccess;
+}
+
+// A plan's grid must fit one launch: gridDim.y (token tiles) and gridDim.z (splits) are
+// at most 65535.
+inline cudaError_t check_grid(const LaunchPlan& plan) {
+  constexpr int kMaxGridYZ = 65535;
+  return plan.grid_n > kMaxGridYZ || plan.splits > kMaxGridYZ ? cudaErrorInvalidConfiguration
+                                                               : cudaSuccess;
 }
 
 // Raise a kernel's dynamic shared-memory limit past the 48 KB default, once per device

@@ -403,7 +403,7 @@ cudaError_t sparse24_plan(int T, int N, int K, int requested_splits, int device,
                 prefill ? 1 : 4, 4, &out, prefill);
   out.partial_elems = out.splits > 1 ? (int64_t)out.splits * T * N : 0;
   *plan = out;
-  return cudaSuccess;
+  return check_grid(out);
 }
 
 cudaError_t sparse24_run(const Sparse24Args& a, const LaunchPlan& plan, cudaStream_t stream) {

@@ -185,8 +185,18 @@ def mma_tensors(packed) -> tuple[Tensor, Tensor]:
 
     The conversion (owl_sparse.formats.mma_layout) runs on the packed weight's device; the
     entry is dropped when the packed tensors are freed and rebuilt if they are modified.
+    The metadata is validated first (strictly increasing indices per group; raises
+    InputError): the sparse tensor cores' behaviour on any other index pair is undefined.
+    The check reads a flag back from the device, so it is skipped while a CUDA graph is
+    being captured (the warm-up call before a capture has converted and checked it).
     """
-    return _derived("mma", (packed.values, packed.meta), sparse24_to_mma)
+
+    def convert(values: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
+        if not (meta.is_cuda and torch.cuda.is_current_stream_capturing()):
+            packed.validate()
+        return sparse24_to_mma(values, meta)
+
+    return _derived("mma", (packed.values, packed.meta), convert)
 
 
 def sparse24_mm(

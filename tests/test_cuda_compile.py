@@ -78,6 +78,10 @@ def test_nvcc_compiles(compiled, src, arch):
     spills = [int(m) for m in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     assert frames and not any(frames), f"{src} sm_{arch}: stack frames {frames}"
     assert not any(spills), f"{src} sm_{arch}: register spills {spills}"
+    # no static shared memory: the planners size dynamic shared memory against the whole
+    # opt-in maximum, and static + dynamic must fit it (a 99 KB GPU refuses otherwise)
+    static = [int(m) for m in re.findall(r"(\d+) bytes smem", log)]
+    assert not any(static), f"{src} sm_{arch}: static shared memory {static}"
 
 
 def _cuobjdump() -> str | None:

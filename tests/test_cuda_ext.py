@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from owl_sparse import cuda_ext, dispatch
+from owl_sparse.errors import InputError
 from owl_sparse.formats.bitmap import BitmapWeight
 from owl_sparse.formats.mma_layout import sparse24_to_mma
 from owl_sparse.formats.sparse24 import Sparse24Weight
@@ -53,6 +54,17 @@ def test_mma_layout_cache_reuses_and_invalidates():
     del p, vm, mm, again, vm2
     gc.collect()
     assert len(cuda_ext._DERIVED) < n_before  # freed weights drop their entry
+
+
+def test_mma_layout_refuses_invalid_metadata():
+    """Index pairs the sparse tensor cores leave undefined never reach them."""
+    w = torch.randn(16, 128).half()
+    mask = torch.zeros(16, 32, 4, dtype=torch.bool)
+    mask[..., 1:3] = True
+    p = Sparse24Weight.from_dense(w, mask.view(16, 128))
+    p.meta[3, 5] = (p.meta[3, 5] & 0xF0) | 0b0101  # group 10 of row 3: indices (1, 1)
+    with pytest.raises(InputError, match="row 3, group 10"):
+        cuda_ext.mma_tensors(p)
 
 
 def test_max_tile_values_is_the_largest_tile_and_follows_changes():

@@ -274,6 +274,10 @@ def test_errors_name_the_shapes(ext):
         RuntimeError, match="kind must be 'sparse24', 'bitmap' or 'bitmap_gemv', got 'csr'"
     ):
         torch.ops.owl_sparse_C.plan("csr", 1, 32, 128)
+    # 8-token tiles (config 0) for 600k tokens: 75,000 token tiles, past gridDim.y's 65535
+    with pytest.raises(RuntimeError, match="more token tiles or K splits than one launch"):
+        torch.ops.owl_sparse_C.plan("sparse24", 600_000, 64, 128, 0, -1, 0)
+    assert torch.ops.owl_sparse_C.plan("sparse24", 500_000, 64, 128, 0, -1, 0)[4] == 62_500
 
 
 def test_unaligned_and_strided_inputs(ext):
