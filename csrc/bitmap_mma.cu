@@ -384,6 +384,13 @@ struct BitmapKernel {
         for (int r = 0; r < 4; ++r) a[c][h][r] = ac[h][r];
     });
     const uint32_t xs = smem_addr(sl.xs);
+    // A and the accumulators are final before the fence (the compiler may not sink their
+    // writes past it; ptxas would then serialize the wgmmas)
+    wgmma_keep(acc);
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wgmma_keep(a[c][h]);
     wgmma_fence();
 #pragma unroll
     for (int c = 0; c < 4; ++c)

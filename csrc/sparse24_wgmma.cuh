@@ -87,6 +87,14 @@ struct Sp24WgmmaKernel {
                                         : make_uint2(0x44444444u, 0x44444444u);
           }
           const uint32_t xs = smem_addr(slot);
+          // operands final before the fence (see the bitmap wgmma body)
+#pragma unroll
+          for (int i = 0; i < kM64; ++i) {
+            wgmma_keep(acc[i]);
+            wgmma_keep(m[i]);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) wgmma_keep(a[i][c]);
+          }
           wgmma_fence();
           // (m64 tiles past the last row tile multiply zeros: no branch around a wgmma,
           // which would make ptxas serialize them)

@@ -41,6 +41,28 @@ template <int BN>
 constexpr uint32_t kCoreLBO = (BN / 8) * 128;  // next core matrix along K
 constexpr uint32_t kCoreSBO = 128;             // next 8 tokens
 
+// Which piece of the tile copy number `idx` of load_x_core moves.  Consecutive copies
+// fill one core matrix (8 token rows) before moving along K, so the 8 lanes of a 16-byte
+// shared-store phase (16 lanes of an 8-byte one) write one contiguous 128-byte core matrix:
+// no bank conflicts (row-major order would put a warp's stores LBO apart, all in the same
+// 4 banks: 16-way conflicts).  From global memory a warp still reads whole 32-byte sectors
+// (64 contiguous bytes per token row, 32 on the 8-byte path).
+struct CoreCopy {
+  int row;     // token row in the tile
+  int offset;  // byte offset in the core-matrix tile
+  int col;     // first k column, relative to the tile
+};
+template <int BN>
+__host__ __device__ constexpr CoreCopy core_copy16(int idx) {  // 16-byte granules
+  const int r = (idx >> 7) * 8 + (idx & 7), q = (idx >> 3) & 15;
+  return {r, core_offset<BN>(r, q), q * 8};
+}
+template <int BN>
+__host__ __device__ constexpr CoreCopy core_copy8(int idx) {  // 8-byte halves
+  const int r = (idx >> 8) * 8 + ((idx >> 1) & 7), q = (idx >> 4) & 15, half = idx & 1;
+  return {r, core_offset<BN>(r, q) + half * 8, q * 8 + half * 4};
+}
+
 // Rows [n0, n0 + BN) x columns [k0, k0 + 128) of x ([T, K] row-major) into the core-matrix
 // tile `xs`; rows >= T and columns >= K zero-filled (never read).  `vec16` (K % 8 == 0)
 // moves 16-byte granules, otherwise two 8-byte halves per core-matrix row.
@@ -49,19 +71,19 @@ __device__ __forceinline__ void load_x_core(uint8_t* xs, const uint16_t* x, int 
                                             int k0, bool vec16, int tid) {
   if (vec16) {
     for (int idx = tid; idx < BN * 16; idx += NTHREADS) {
-      const int r = idx >> 4, q = idx & 15;
-      const int gt = n0 + r, gk = k0 + q * 8;
+      const CoreCopy c = core_copy16<BN>(idx);
+      const int gt = n0 + c.row, gk = k0 + c.col;
       const bool ok = gt < T && gk < K;
       const uint16_t* src = ok ? x + (int64_t)gt * K + gk : x;
-      cp_async16(smem_addr(xs + core_offset<BN>(r, q)), src, ok ? 16 : 0);
+      cp_async16(smem_addr(xs + c.offset), src, ok ? 16 : 0);
     }
   } else {
     for (int idx = tid; idx < BN * 32; idx += NTHREADS) {
-      const int r = idx >> 5, h = idx & 31;
-      const int gt = n0 + r, gk = k0 + h * 4;
+      const CoreCopy c = core_copy8<BN>(idx);
+      const int gt = n0 + c.row, gk = k0 + c.col;
       const bool ok = gt < T && gk < K;
       const uint16_t* src = ok ? x + (int64_t)gt * K + gk : x;
-      cp_async8(smem_addr(xs + core_offset<BN>(r, h >> 1) + (h & 1) * 8), src, ok ? 8 : 0);
+      cp_async8(smem_addr(xs + c.offset), src, ok ? 8 : 0);
     }
   }
 }

@@ -161,5 +161,65 @@ def test_bindings_syntax(tmp_path):
     assert res.returncode == 0, "\n".join(errors[:20]) or res.stderr[-3000:]
 
 
+CORE_COPY_PROBE = r"""
+#include <cstdio>
+#include "wgmma_common.cuh"
+template <int BN>
+void dump() {
+  for (int i = 0; i < BN * 16; ++i) {
+    const owl::CoreCopy c = owl::core_copy16<BN>(i);
+    std::printf("%d 16 %d %d %d\n", BN, c.row, c.col, c.offset);
+  }
+  for (int i = 0; i < BN * 32; ++i) {
+    const owl::CoreCopy c = owl::core_copy8<BN>(i);
+    std::printf("%d 8 %d %d %d\n", BN, c.row, c.col, c.offset);
+  }
+}
+int main() { dump<64>(); dump<128>(); }
+"""
+
+
+def test_core_copy_is_complete_and_bank_conflict_free(tmp_path):
+    """load_x_core's copy order (the real core_copy16 / core_copy8, run on the host): every
+    (token row, k column) of the [BN x 128] tile copied exactly once, to its core-matrix
+    offset (core_offset + 2 bytes per column), and every shared-store phase (8 lanes of 16
+    bytes, 16 lanes of 8) writing 128 distinct bytes of one line: no bank conflicts."""
+    src = tmp_path / "probe.cu"
+    src.write_text(CORE_COPY_PROBE)
+    exe = tmp_path / "probe"
+    res = subprocess.run(
+        [NVCC, "-std=c++17", "-arch=sm_80", "-I", str(CSRC), str(src), "-o", str(exe)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [
+        tuple(map(int, ln.split())) for ln in subprocess.check_output([str(exe)]).split(b"\n") if ln
+    ]
+    for bn in (64, 128):
+        for width, phase in ((16, 8), (8, 16)):
+            copies = [r[2:] for r in rows if r[0] == bn and r[1] == width]
+            assert len(copies) == bn * 256 // width
+            written = set()
+            for row, col, off in copies:
+                # where the 16-byte path's layout puts column col of token row `row`
+                q = col // 8
+                want = ((q * (bn // 8) + row // 8) * 8 + row % 8) * 16 + 2 * (col % 8)
+                assert off == want, (bn, width, row, col, off, want)
+                written.update(range(off, off + width))
+            assert written == set(range(bn * 256)), (bn, width)
+            for p0 in range(0, len(copies), phase):
+                offs = [c[2] for c in copies[p0 : p0 + phase]]
+                lines = {o // 128 for o in offs}
+                covered = sorted(b for o in offs for b in range(o, o + width))
+                assert len(lines) == 1 and covered == list(range(min(offs), min(offs) + 128)), (
+                    bn,
+                    width,
+                    p0,
+                    offs,
+                )
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
