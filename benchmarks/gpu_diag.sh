@@ -7,10 +7,11 @@
 #   3. the LLaMA-2-7B-shape pruning benchmark (128 x 2048 calibration; DIAG_PRUNE_METHODS,
 #      default owl+wanda, e.g. owl+sparsegpt with DIAG_PRUNE_LIMIT_S=500),
 #   4. Nsight Compute sections of the CUDA kernels on a LLaMA-2-7B MLP shape,
-#   5. compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cuda.py.
+#   5. compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cuda.py,
+#   6. the fixed cost of a 2:4 decode call (benchmarks/overheads.py: split-K counter zeroing).
 #
 # Steps are skipped once DIAG_BUDGET_S (default 540) seconds have passed; DIAG_STEPS
-# (default "tests prune ncu sanitize") picks steps; DIAG_PYTEST_MARK (default "gpu") the tests,
+# (default "tests prune ncu sanitize overheads") picks steps; DIAG_PYTEST_MARK (default "gpu") the tests,
 # DIAG_TEST_FILES (default: every test file with GPU tests) the files, DIAG_NCU_CASES the
 # profiled cases ("format tokens [--wgmma]", comma-separated).  Logs: $OUT/diag.log (and the pruning
 # JSON in $OUT/prune-7b.json) when $OUT is set, else /tmp/owl_diag.
@@ -22,7 +23,7 @@ mkdir -p "$OUTDIR"
 exec > >(tee -a "$OUTDIR/diag.log") 2>&1
 PY=${PYTHON:-python3}
 BUDGET=${DIAG_BUDGET_S:-540}
-STEPS=${DIAG_STEPS:-tests prune ncu sanitize}
+STEPS=${DIAG_STEPS:-tests prune ncu sanitize overheads}
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1 OWL_SPARSE_NO_JIT=1
 export OWL_SPARSE_DATA=${OWL_SPARSE_DATA:-$PWD/gpu_data/shared}
@@ -83,5 +84,8 @@ if want sanitize && command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
         run_for 150 compute-sanitizer --tool $tool --error-exitcode 1 $PY benchmarks/sanitize_cuda.py | tail -25
     done
+fi
+if want overheads; then
+    run_for 120 $PY -m benchmarks.overheads --json-out "$OUTDIR/overheads.json"
 fi
 echo "=== diag done in $(($(date +%s) - T0))s"
