@@ -384,13 +384,17 @@ struct BitmapKernel {
         for (int r = 0; r < 4; ++r) a[c][h][r] = ac[h][r];
     });
     const uint32_t xs = smem_addr(sl.xs);
-    // A and the accumulators are final before the fence (the compiler may not sink their
-    // writes past it; ptxas would then serialize the wgmmas)
-    wgmma_keep(acc);
+    // The wgmmas read A and the accumulators asynchronously: pinned before the fence
+    // (their writes may not sink past it; ptxas would serialize the wgmmas) and after the
+    // wait.
+    auto keep_operands = [&] {
+      wgmma_keep(acc);
 #pragma unroll
-    for (int c = 0; c < 4; ++c)
+      for (int c = 0; c < 4; ++c)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) wgmma_keep(a[c][h]);
+        for (int h = 0; h < 2; ++h) wgmma_keep(a[c][h]);
+    };
+    keep_operands();
     wgmma_fence();
 #pragma unroll
     for (int c = 0; c < 4; ++c)
@@ -402,11 +406,7 @@ struct BitmapKernel {
       }
     wgmma_commit();
     wgmma_wait_all();  // the slot may be refilled after the next barrier
-    wgmma_keep(acc);
-#pragma unroll
-    for (int c = 0; c < 4; ++c)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) wgmma_keep(a[c][h]);
+    keep_operands();
   }
 #endif
 

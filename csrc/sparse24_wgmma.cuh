@@ -87,14 +87,18 @@ struct Sp24WgmmaKernel {
                                         : make_uint2(0x44444444u, 0x44444444u);
           }
           const uint32_t xs = smem_addr(slot);
-          // operands final before the fence (see the bitmap wgmma body)
+          // The wgmmas read A, the metadata and the accumulators asynchronously: pinned
+          // before the fence (their writes may not sink past it) and after the wait.
+          auto keep_operands = [&] {
 #pragma unroll
-          for (int i = 0; i < kM64; ++i) {
-            wgmma_keep(acc[i]);
-            wgmma_keep(m[i]);
+            for (int i = 0; i < kM64; ++i) {
+              wgmma_keep(acc[i]);
+              wgmma_keep(m[i]);
 #pragma unroll
-            for (int c = 0; c < 4; ++c) wgmma_keep(a[i][c]);
-          }
+              for (int c = 0; c < 4; ++c) wgmma_keep(a[i][c]);
+            }
+          };
+          keep_operands();
           wgmma_fence();
           // (m64 tiles past the last row tile multiply zeros: no branch around a wgmma,
           // which would make ptxas serialize them)
@@ -112,13 +116,7 @@ struct Sp24WgmmaKernel {
           }
           wgmma_commit();
           wgmma_wait_all();  // the slot may be refilled after the next barrier
-#pragma unroll
-          for (int i = 0; i < kM64; ++i) {
-            wgmma_keep(acc[i]);
-            wgmma_keep(m[i]);
-#pragma unroll
-            for (int c = 0; c < 4; ++c) wgmma_keep(a[i][c]);
-          }
+          keep_operands();
         });
 
     cp_async_wait<0>();
