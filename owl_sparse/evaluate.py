@@ -9,14 +9,15 @@ reference code computes as ``exp(sum(loss * seqlen) / (windows * seqlen))``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data import check_token_ids
 from .errors import InputError
-from .models import max_context
 
 
 @dataclass
@@ -45,22 +46,29 @@ def perplexity(
     Args:
         model: a transformers causal LM (dense or with SparseLinear layers); its device is
             taken from its parameters or buffers.
-        windows: int64 tensor [W, seqlen] from `owl_sparse.data.eval_windows`.
-        batch_size: windows per forward pass (the result does not depend on it).
+        windows: int64 (or int32) tensor [W, seqlen] from `owl_sparse.data.eval_windows`,
+            every id in [0, vocab_size).
+        batch_size: windows per forward pass, >= 1 (the result does not depend on it).
         progress: show a progress bar.
 
     Returns:
         `PerplexityResult`.
 
     Raises:
-        InputError: empty windows, or seqlen beyond the model's context length.
+        InputError: windows that are not an int64/int32 tensor [W >= 1, seqlen >= 2], seqlen
+            beyond the model's context length, ids outside the vocabulary (a tokenizer that
+            does not match the model), or a bad ``batch_size``
+            (`owl_sparse.data.check_token_ids`, the same check as for calibration).
     """
-    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise InputError(f"windows must be a [W, seqlen>=2] tensor, got {tuple(windows.shape)}")
+    check_token_ids(model, windows, "windows", "W")
+    if (
+        not isinstance(batch_size, numbers.Integral)
+        or isinstance(batch_size, bool)
+        or batch_size < 1
+    ):
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)
     seqlen = windows.shape[1]
-    limit = max_context(model)
-    if limit is not None and seqlen > limit:
-        raise InputError(f"seqlen {seqlen} exceeds the model's context length {limit}")
     device = _device_of(model)
     was_training = model.training
     model.eval()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from owl_sparse.errors import InputError
 from owl_sparse.prune.allocate import (
     ErrorCurve,
     block_curve,
@@ -37,10 +38,12 @@ def test_owl_mean_spread_and_order(target, lam):
     assert np.all(np.diff(s[order]) < 0)
 
 
-def test_owl_equal_ratios_give_uniform_and_clip():
+def test_owl_equal_ratios_give_uniform_and_no_clipping():
     assert owl_sparsities([0.02, 0.02, 0.02], 0.6, 0.08) == pytest.approx([0.6] * 3)
-    s = owl_sparsities([0.0, 1.0], 0.05, 0.08)  # 0.05 + 0.08 and 0.05 - 0.08 <= 0
-    assert s == pytest.approx([0.13, 0.01])
+    # 0.05 - 0.08 <= 0: the reference code would clip to 0.01 and miss the mean; we refuse
+    with pytest.raises(InputError, match=r"sparsity 0.05 .*block 1 .*-0\.03.*<= 0\.0499"):
+        owl_sparsities([0.0, 1.0], 0.05, 0.08)
+    assert owl_sparsities([0.0, 1.0], 0.05, 0.0499) == pytest.approx([0.0999, 0.0001])
 
 
 def test_outlier_ratio_by_hand():

@@ -6,13 +6,17 @@
 model, for each block b the Wanda scores |W_ij| * ||X_j|| of all its linear layers are pooled
 and the outlier ratio L_b is the fraction larger than ``M`` x their mean. Then
 ``D_b = (L_b - min L) / (max L - min L) * 2 * lambda``, ``D_b <- D_b - mean(D) + (1 - S)``,
-``s_b = 1 - D_b`` (s_b <= 0 is set to 0.01, as the reference code does; s_b >= 1 to 0.99).
-The mean of s_b is S, the spread is 2 * lambda, more outliers -> less sparsity. All linear
-layers of a block share s_b. With N:M, M stays and N varies per block: each block wants
-p_b = s_b * M pruned weights per group; p_b is rounded to integers by the largest-remainder
-method (floors first, then +1 for the largest fractional parts while that brings the
-parameter-weighted total closer to (M - N) per group), i.e. each block gets the nearest
-N such that the mean sparsity equals the target as closely as integers allow.
+``s_b = 1 - D_b``. The mean of s_b is S, the spread is 2 * lambda, more outliers -> less
+sparsity. All linear layers of a block share s_b. The reference code replaces s_b <= 0 by
+0.01 and caps s_b at 0.99, which moves the mean off S without a word; here a block outside
+(0, 0.99] is an InputError instead (`PruneConfig` refuses ``S - lambda <= 0`` and
+``S + lambda > 0.99`` up front; `owl_sparsities` refuses the rest, which depends on how
+skewed the outlier ratios are), so the mean is always S. With N:M, M stays and N varies
+per block: each block wants p_b = s_b * M pruned weights per group; p_b is rounded to
+integers by the largest-remainder method (floors first, then +1 for the largest fractional
+parts while that brings the parameter-weighted total closer to (M - N) per group), i.e.
+each block gets the nearest N such that the mean sparsity equals the target as closely as
+integers allow.
 
 **sensitivity** — after Shao et al., 2023 (arXiv 2310.09499, "One-shot sensitivity-aware
 mixed sparsity pruning"), whose idea is: layers whose pruning hurts the loss more, as
@@ -63,11 +67,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import InputError
+from .config import OWL_MAX_SPARSITY
 from .masks import Target, pruned_per_row
 from .scores import wanda_scores
-
-OWL_MIN_SPARSITY = 0.01  # the reference code's replacement for s_b <= 0
-OWL_MAX_SPARSITY = 0.99
 
 
 def outlier_ratio(scores, m: float) -> float:
@@ -98,7 +101,14 @@ def outlier_ratios(scores, m: float) -> tuple[float, list[float]]:
 
 
 def owl_sparsities(ratios: Sequence[float], target: float, lam: float) -> list[float]:
-    """OWL's per-block sparsities from outlier ratios (formula in the module doc)."""
+    """OWL's per-block sparsities from outlier ratios (formula in the module doc).
+
+    Returns one sparsity per block, in (0, 0.99], with mean ``target``.
+
+    Raises:
+        InputError: a block would fall outside (0, 0.99], where the reference code clips it
+            and so misses the target; the message gives the largest ``lam`` that fits.
+    """
     L = np.asarray(ratios, dtype=np.float64)
     if L.ndim != 1 or L.size == 0:
         raise ValueError(f"need a non-empty list of outlier ratios, got shape {L.shape}")
@@ -106,9 +116,31 @@ def owl_sparsities(ratios: Sequence[float], target: float, lam: float) -> list[f
     D = (L - L.min()) / spread * 2 * lam if spread > 0 else np.zeros_like(L)
     D = D - D.mean() + (1.0 - target)
     s = 1.0 - D
-    s = np.where(s <= 0, OWL_MIN_SPARSITY, s)
-    s = np.minimum(s, OWL_MAX_SPARSITY)
-    return s.tolist()
+    # 1e-9: sums such as 0.91 + 0.08 land a hair above 0.99; that is rounding, not clipping
+    bad = np.flatnonzero((s <= 0) | (s > OWL_MAX_SPARSITY + 1e-9))
+    if bad.size:
+        b = int(bad[0])
+        raise InputError(
+            f"OWL allocation cannot meet sparsity {target:g} with owl_lambda {lam:g}: block {b} "
+            f"would get sparsity {s[b]:.4g} ({bad.size} of {L.size} blocks outside "
+            f"(0, {OWL_MAX_SPARSITY}], and clipping them would miss the target)"
+            + _lambda_hint(L, target)
+        )
+    return np.minimum(s, OWL_MAX_SPARSITY).tolist()
+
+
+def _lambda_hint(L: np.ndarray, target: float) -> str:
+    """The largest owl_lambda (to 4 decimals) that keeps every block in (0, 0.99]."""
+    spread = L.max() - L.min()
+    u = (L - L.min()) / spread * 2 if spread > 0 else np.zeros_like(L)
+    u = u.mean() - u  # s_b = target + lambda * u_b
+    fits = [target / -x for x in u if x < 0] + [(OWL_MAX_SPARSITY - target) / x for x in u if x > 0]
+    if not fits or min(fits) <= 0:
+        return f"; the target must lie in (0, {OWL_MAX_SPARSITY}]"
+    best = math.floor(min(fits) * 1e4) / 1e4
+    if best >= min(fits):  # on the bound itself: s_b = 0 is not allowed
+        best -= 1e-4
+    return f"; with these outlier ratios owl_lambda <= {best:.4f} would fit"
 
 
 def nm_levels(sparsities: Sequence[float], sizes: Sequence[int], n: int, m: int) -> list[int]:

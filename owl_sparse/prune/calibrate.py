@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data import check_token_ids
 from ..errors import InputError
-from ..models import max_context
 from .config import PruneError
 
 
@@ -155,8 +155,9 @@ def forward_block(
 ) -> None:
     """Run ``block`` over all batches of ``src`` ([n, seqlen, dim]); write outputs to
     ``dst`` when given (may not alias ``src``). ``stats`` (a `StatsAccumulator`) is told
-    when each batch begins (with its input) and ends. Outputs are not checked here: a NaN/Inf reaching the next block
-    shows in its statistics (`StatsAccumulator.check_finite`), which costs nothing extra."""
+    when each batch begins (with its input) and ends. Outputs are not checked here: a
+    NaN/Inf reaching the next block shows in its statistics
+    (`StatsAccumulator.check_finite`), which costs nothing extra."""
     for b in inputs.batches:
         h = src[b.start : b.stop]
         if stats is not None:
@@ -174,26 +175,9 @@ def forward_block(
 
 
 def check_calibration(model, calibration) -> None:
-    """InputError unless ``calibration`` is int token ids [n >= 1, 2 <= seqlen <= context]
-    within the vocabulary."""
-    if not torch.is_tensor(calibration) or calibration.ndim != 2 or calibration.is_floating_point():
-        shape = tuple(calibration.shape) if torch.is_tensor(calibration) else type(calibration)
-        raise InputError(f"calibration must be an integer tensor [n, seqlen], got {shape}")
-    n, seqlen = calibration.shape
-    if n < 1 or seqlen < 2:
-        raise InputError(
-            f"calibration too short: {n} samples x {seqlen} tokens "
-            "(need at least 1 sample of 2 tokens)"
-        )
-    limit = max_context(model)
-    if limit is not None and seqlen > limit:
-        raise InputError(f"calibration seqlen {seqlen} exceeds the model's context {limit}")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab and (calibration.min() < 0 or calibration.max() >= vocab):
-        raise InputError(
-            f"calibration token ids must lie in [0, {vocab}), got "
-            f"[{int(calibration.min())}, {int(calibration.max())}]"
-        )
+    """InputError unless ``calibration`` is torch.int64 / torch.int32 token ids
+    [n >= 1, 2 <= seqlen <= context] within the vocabulary (`owl_sparse.data.check_token_ids`)."""
+    check_token_ids(model, calibration, "calibration", "n")
 
 
 def _outside_device(model: nn.Module, blocks: nn.ModuleList) -> torch.device:

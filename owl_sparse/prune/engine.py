@@ -34,6 +34,7 @@ from .calibrate import (
     check_calibration,
     forward_block,
 )
+from .checks import check_blocks, check_model, compute_device
 from .config import PruneConfig, PruneError
 from .masks import Target, mask_sparsity
 from .report import LayerRecord, PeakMemory, PruneReport
@@ -94,20 +95,31 @@ def prune(
         `PruneReport` (per block / layer sparsities, outlier ratios, time, peak memory).
 
     Raises:
-        InputError: bad config, calibration, widths not divisible by M, NaN/Inf weights or
-            activations found before anything was pruned.
+        TypeError: ``config`` not a `PruneConfig`, ``inputs`` not `BlockInputs`, ``profile``
+            not a `DenseProfile`, ``model`` not an nn.Module.
+        InputError: bad config (checked again here), calibration (`check_calibration`, also
+            when it is not needed), ``batch_size``, widths not divisible by M, a model on the
+            meta device or already packed (SparseLinear), NaN/Inf in any parameter or buffer
+            of the blocks, or OWL block sparsities outside (0, 0.99]: all found before
+            anything is pruned; likewise NaN/Inf activations.
         PruneError: a failure after some blocks were pruned; it names them.
     """
-    config = config or PruneConfig()
-    was_training = model.training
-    model.eval()
+    if config is None:
+        config = PruneConfig()
+    elif not isinstance(config, PruneConfig):
+        raise TypeError(f"config must be a PruneConfig, got {type(config).__name__}")
+    config.validate()  # again: fields may have been assigned since construction
+    check_model(model, batch_size)
+    _check_types(inputs, profile)
     conv1d_to_linear_(model)
     structure = find_decoder_blocks(model)
     blocks = structure.blocks
-    device = torch.device(device) if device is not None else next(blocks.parameters()).device
-    _check_weights(structure, config)
-    if config.needs_calibration and inputs is None:
+    device = compute_device(device, blocks)
+    check_blocks(structure, config)
+    if calibration is not None or (config.needs_calibration and inputs is None):
         check_calibration(model, calibration)
+    was_training = model.training
+    model.eval()
     dense_needed = config.allocation != "uniform"
     forwards_needed = bool(NEEDS[config.method])
     timings: dict[str, float] = {}
@@ -169,11 +181,16 @@ def dense_profile(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> DenseProfile:
-    """The dense pass alone: squared input norms of every block linear layer."""
+    """The dense pass alone: squared input norms of every block linear layer.
+
+    Arguments as for `prune`; ``calibration`` is used only when ``inputs`` is None.
+    """
+    check_model(model, batch_size)
+    _check_types(inputs, None)
     conv1d_to_linear_(model)
     structure = find_decoder_blocks(model)
     blocks = structure.blocks
-    device = torch.device(device) if device is not None else next(blocks.parameters()).device
+    device = compute_device(device, blocks)
     if inputs is None:
         check_calibration(model, calibration)
         n, seqlen = calibration.shape
@@ -336,21 +353,10 @@ def _partial_message(structure, i: int, touched: bool, error: Exception) -> str:
     )
 
 
-def _check_weights(structure, config) -> None:
-    nm = config.nm
-    for i, block in enumerate(structure.blocks):
-        for name, lin in find_linears(block).items():
-            w = lin.weight
-            if not torch.isfinite(w.sum(dtype=torch.float32)):  # NaN/Inf survive a sum
-                raise InputError(
-                    f"{structure.path}.{i}.{name}: weight {tuple(w.shape)} contains NaN or Inf"
-                )
-            if nm is not None and w.shape[1] % nm[1]:
-                raise InputError(
-                    f"{structure.path}.{i}.{name}: input width {w.shape[1]} "
-                    f"(weight {tuple(w.shape)}) is not divisible by M={nm[1]} "
-                    f"of pattern {config.pattern}"
-                )
+def _check_types(inputs, profile) -> None:
+    for name, value, kind in (("inputs", inputs, BlockInputs), ("profile", profile, DenseProfile)):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
 
 
 def _lap(t: float, device) -> float:
