@@ -31,12 +31,12 @@ import importlib
 import logging
 import os
 import threading
-import weakref
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .derived_cache import DerivedCache
 from .errors import InputError
 from .formats.mma_layout import sparse24_to_mma
 
@@ -153,30 +153,11 @@ def _require() -> None:
 
 
 # ------------------------------------------------------------ derived, cached tensors
-_DERIVED: dict[tuple, tuple] = {}
-
-
-def _derived(tag: str, tensors: tuple[Tensor, ...], compute, *, may_compute: bool = True):
-    """``compute(*tensors)``, once per (tag, storages): dropped when the tensors are freed,
-    recomputed when they are modified in place.  Returns None on a miss when
-    ``may_compute`` is False (during CUDA graph capture, say)."""
-    storages = [t.untyped_storage() for t in tensors]
-    key = (tag,) + tuple(
-        (id(s), t.storage_offset(), tuple(t.shape), t.dtype, t.device)
-        for s, t in zip(storages, tensors)
-    )
-    versions = tuple(getattr(t, "_version", 0) for t in tensors)
-    entry = _DERIVED.get(key)
-    if entry is not None:
-        refs, vers, value = entry
-        if all(r() is s for r, s in zip(refs, storages)) and vers == versions:
-            return value
-    if not may_compute:
-        return None
-    value = compute(*tensors)
-    refs = tuple(weakref.ref(s, lambda _, k=key: _DERIVED.pop(k, None)) for s in storages)
-    _DERIVED[key] = (refs, versions, value)
-    return value
+# Kernel-side layouts computed from packed tensors, once per (tag, storages): dropped when
+# the tensors are freed, recomputed after an in-place change, never kept for inference
+# tensors (see owl_sparse.derived_cache).  ``may_compute=False`` returns None on a miss
+# (during CUDA graph capture, where computing would synchronise).
+_DERIVED = DerivedCache("CUDA kernel layouts")
 
 
 # ---------------------------------------------------------------------------- 2:4
@@ -184,7 +165,8 @@ def mma_tensors(packed) -> tuple[Tensor, Tensor]:
     """(values_mma, meta_mma) of a :class:`Sparse24Weight`, converted once per packed storage.
 
     The conversion (owl_sparse.formats.mma_layout) runs on the packed weight's device; the
-    entry is dropped when the packed tensors are freed and rebuilt if they are modified.
+    entry is dropped when the packed tensors are freed and rebuilt if they are modified
+    (inference tensors are converted on every call: their changes cannot be detected).
     The metadata is validated first (strictly increasing indices per group; raises
     InputError): the sparse tensor cores' behaviour on any other index pair is undefined.
     The check reads a flag back from the device, so it is skipped while a CUDA graph is
@@ -196,7 +178,7 @@ def mma_tensors(packed) -> tuple[Tensor, Tensor]:
             packed.validate()
         return sparse24_to_mma(values, meta)
 
-    return _derived("mma", (packed.values, packed.meta), convert)
+    return _DERIVED.get("mma", (packed.values, packed.meta), convert)
 
 
 def sparse24_mm(
@@ -251,12 +233,12 @@ def _max_tile_values(tile_offsets: Tensor) -> int:
 
 def max_tile_values(packed) -> int:
     """The most values one 16 x 128 tile of a :class:`BitmapWeight` holds (cached per
-    packed storage), or -1 while a CUDA graph is being captured and nothing is cached yet
-    (reading it back would synchronize).  The bitmap kernel sizes its shared buffers by
+    packed storage), or -1 while a CUDA graph is being captured and nothing is cached yet,
+    as is always the case for inference tensors (reading it back would synchronize).  The bitmap kernel sizes its shared buffers by
     it; -1 means full-size buffers (slower, same result)."""
     off = packed.tile_offsets
     capturing = off.is_cuda and torch.cuda.is_current_stream_capturing()
-    value = _derived("max_tile_values", (off,), _max_tile_values, may_compute=not capturing)
+    value = _DERIVED.get("max_tile_values", (off,), _max_tile_values, may_compute=not capturing)
     return -1 if value is None else value
 
 

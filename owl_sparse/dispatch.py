@@ -41,9 +41,10 @@ Choice, in order (see :func:`choose_backend`)
    GPU run has checked it (a measured table can pick it); ``cuda_sp``'s decode kernels
    changed only in how the shared compute step reads their prefetched registers.
 
-The dense cache holds one dense copy per packed weight (keyed on its storages, dropped
-when they are freed).  ``OWL_SPARSE_DENSE_CACHE_MB`` caps it (default: no cap); past the
-cap the dense backend unpacks on every call instead.
+The dense cache holds one dense copy per packed weight (keyed on its storages and shape,
+dropped when they are freed, recomputed after an in-place change; never kept for
+inference tensors, see :mod:`owl_sparse.derived_cache`).  ``OWL_SPARSE_DENSE_CACHE_MB``
+caps it (default: no cap); past the cap the dense backend unpacks on every call instead.
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ import json
 import logging
 import math
 import os
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .derived_cache import DerivedCache
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -306,15 +307,12 @@ def run(fmt: str, x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- dense cache
-@dataclass
-class _Cached:
-    refs: tuple
-    versions: tuple
-    dense: Tensor
+def _dense_cache_limit() -> float | None:
+    limit_mb = float(os.environ.get("OWL_SPARSE_DENSE_CACHE_MB", "-1"))
+    return None if limit_mb < 0 else limit_mb * 2**20
 
 
-_DENSE: dict[tuple, _Cached] = {}
-_DENSE_BYTES = [0]
+_DENSE = DerivedCache("dense weights", _dense_cache_limit)
 
 
 def _tensors(packed) -> tuple[Tensor, ...]:
@@ -323,49 +321,24 @@ def _tensors(packed) -> tuple[Tensor, ...]:
     return (packed.values, packed.meta)
 
 
-def _version(t: Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter
-        return 0
-
-
-def _forget(key) -> None:
-    entry = _DENSE.pop(key, None)
-    if entry is not None:
-        _DENSE_BYTES[0] -= entry.dense.numel() * entry.dense.element_size()
-
-
 def dense_weight(packed) -> Tensor:
-    """The dense [N, K] weight of ``packed`` in its dtype, cached per packed storage."""
-    tensors = _tensors(packed)
-    storages = [t.untyped_storage() for t in tensors]
-    key = tuple((id(s), t.storage_offset(), t.numel()) for s, t in zip(storages, tensors))
-    key += (packed.fmt, packed.dtype, packed.device)
-    versions = tuple(_version(t) for t in tensors)
-    entry = _DENSE.get(key)
-    if entry is not None and all(r() is s for r, s in zip(entry.refs, storages)):
-        if entry.versions == versions:
-            return entry.dense
-    _forget(key)
-    dense = packed.to_dense()
-    size = dense.numel() * dense.element_size()
-    limit_mb = float(os.environ.get("OWL_SPARSE_DENSE_CACHE_MB", "-1"))
-    if limit_mb < 0 or _DENSE_BYTES[0] + size <= limit_mb * 2**20:
-        refs = tuple(weakref.ref(s, lambda _, k=key: _forget(k)) for s in storages)
-        _DENSE[key] = _Cached(refs, versions, dense)
-        _DENSE_BYTES[0] += size
-    return dense
+    """The dense [N, K] weight of ``packed`` in its dtype, cached per packed storage.
+
+    Recomputed after any in-place change to the packed tensors; never cached for
+    inference tensors, whose changes cannot be detected (see :mod:`owl_sparse.derived_cache`).
+    """
+    return _DENSE.get(
+        packed.fmt, _tensors(packed), lambda *_: packed.to_dense(), extra=packed.shape
+    )
 
 
 def clear_dense_cache() -> None:
     """Drop every cached dense weight."""
     _DENSE.clear()
-    _DENSE_BYTES[0] = 0
 
 
 def dense_cache_bytes() -> int:
-    return _DENSE_BYTES[0]
+    return _DENSE.nbytes
 
 
 def _dense_backend(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:

@@ -12,7 +12,7 @@ of kept values than the module holds.  Its forward calls the ``owl_sparse::*_lin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from . import ops as _ops  # noqa: F401  (registers torch.ops.owl_sparse.*)
 from .errors import InputError
 from .formats import FORMATS, BitmapWeight, Sparse24Weight, is_24_mask, pack
+from .formats._common import check_mask
 
 
 def _dense_weight_of(module: nn.Module) -> Tensor:
@@ -107,6 +108,8 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):  # the op schema would reject it with a torch error
+            raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if self.format == "bitmap":
             return torch.ops.owl_sparse.bitmap_linear(
                 x,
@@ -207,26 +210,45 @@ def _linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _mask_of(masks, names: list[str]):
+    """``masks`` entry of a layer known by ``names`` (a shared module has several)."""
+    given = [n for n in names if n in masks]
+    if len(given) > 1:
+        raise InputError(f"sparsify_: masks names one layer twice: {given}")
+    return masks[given[0]] if given else None
+
+
 def sparsify_(
     model: nn.Module,
     format: str = "bitmap",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     min_sparsity: float = 0.0,
-    masks: dict[str, Tensor] | None = None,
+    masks: Mapping[str, Tensor] | None = None,
     skip_output_embeddings: bool = True,
 ) -> SparsifyReport:
     """Replace, in place, every pruned linear layer of ``model`` by a :class:`SparseLinear`.
 
     A layer (nn.Linear or transformers Conv1D, found anywhere in the module tree) is swapped
     when its sparsity is > 0 and >= ``min_sparsity`` and ``filter_fn(module, name)`` (if
-    given) returns True.  The mask is ``masks[name]`` when given, else ``weight != 0``.
+    given) returns True.  The mask is ``masks[name]`` (bool, the weight's [out, in] shape)
+    when given, else ``weight != 0``; every ``masks`` key must name a linear layer.
     ``format``: "bitmap", "2:4" (every swapped layer must be 2:4, else InputError naming
     it) or "auto" (2:4 where the mask is 2:4, bitmap elsewhere).  The output embeddings
     (``model.get_output_embeddings()``) and layers whose weight is tied to an nn.Embedding
     are skipped unless ``skip_output_embeddings=False``.
+
+    All or nothing: every layer is packed before any is swapped, so on an error (a bad
+    mask, a layer that is not 2:4, a weight on the meta device) the model is unchanged.
+    Peak memory is therefore the dense model plus all packed layers.
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"sparsify_: model must be a torch.nn.Module, got {type(model).__name__}")
     if format not in ("bitmap", "2:4", "auto"):
         raise InputError(f"sparsify_: format must be 'bitmap', '2:4' or 'auto', got {format!r}")
+    if masks is not None and not isinstance(masks, Mapping):
+        raise InputError(
+            f"sparsify_: masks must be a dict of layer name -> bool mask, got {type(masks).__name__}"
+        )
     report = SparsifyReport()
     protected: set[int] = set()
     if skip_output_embeddings:
@@ -235,25 +257,55 @@ def sparsify_(
         if out_emb is not None:
             protected.add(id(out_emb))
         embedding_ptrs = {
-            m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)
+            m.weight.data_ptr()
+            for m in model.modules()
+            if isinstance(m, nn.Embedding) and not m.weight.is_meta
         }
     else:
         embedding_ptrs = set()
-    # All (parent, attribute) slots of each linear, so a shared module is swapped everywhere.
+    # All names and (parent, attribute) slots of each linear, so a shared module is found
+    # by any of its names and swapped everywhere.
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if _linear_like(module):
+            names.setdefault(id(module), []).append(name)
     slots: dict[int, list[tuple[nn.Module, str]]] = {}
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if _linear_like(child):
                 slots.setdefault(id(child), []).append((parent, child_name))
+    if masks is not None:
+        known = {n for ns in names.values() for n in ns}
+        unknown = [n for n in masks if n not in known]
+        if unknown:
+            raise InputError(
+                f"sparsify_: masks name no linear layer of the model: {unknown} "
+                f"(linear layers: {sorted(known)[:6]}{' ...' if len(known) > 6 else ''})"
+            )
+    planned: list[tuple[nn.Module, SparseLinear, SwappedLayer]] = []
     for name, module in list(model.named_modules()):
         if not _linear_like(module):
             continue
-        if id(module) in protected or module.weight.data_ptr() in embedding_ptrs:
+        if id(module) in protected:
+            report.skipped.append((name, "output embeddings / tied to an embedding"))
+            continue
+        if module.weight.is_meta:
+            if filter_fn is not None and not filter_fn(module, name):
+                report.skipped.append((name, "filter_fn"))
+                continue
+            raise InputError(
+                f"sparsify_: layer {name!r}: weight is on the meta device; "
+                "load real weights before packing"
+            )
+        if module.weight.data_ptr() in embedding_ptrs:
             report.skipped.append((name, "output embeddings / tied to an embedding"))
             continue
         weight = _dense_weight_of(module)
-        mask = masks.get(name) if masks is not None else None
-        keep = weight != 0 if mask is None else mask
+        mask = _mask_of(masks, names[id(module)]) if masks is not None else None
+        # shape and dtype first: a sparsity counted on a wrong mask means nothing
+        keep = (
+            weight != 0 if mask is None else check_mask(f"sparsify_: layer {name!r}", weight, mask)
+        )
         sparsity = 1.0 - int(torch.count_nonzero(keep)) / keep.numel()
         if sparsity <= 0.0 or sparsity < min_sparsity:
             report.skipped.append((name, f"sparsity {sparsity:.3f} below threshold"))
@@ -263,23 +315,24 @@ def sparsify_(
             continue
         fmt = format
         if fmt == "auto":
-            fmt = "2:4" if keep.shape == weight.shape and is_24_mask(keep) else "bitmap"
+            fmt = "2:4" if is_24_mask(keep) else "bitmap"
         try:
             new = SparseLinear.from_linear(module, fmt, mask)
         except InputError as exc:
             raise InputError(f"sparsify_: layer {name!r}: {exc}") from exc
+        swapped = SwappedLayer(
+            name,
+            fmt,
+            tuple(weight.shape),
+            sparsity,
+            weight.numel() * weight.element_size(),
+            new.nbytes,
+        )
+        planned.append((module, new, swapped))
+    for module, new, swapped in planned:
         for parent, attr in slots.get(id(module), []):
             setattr(parent, attr, new)
-        report.swapped.append(
-            SwappedLayer(
-                name,
-                fmt,
-                tuple(weight.shape),
-                sparsity,
-                weight.numel() * weight.element_size(),
-                new.nbytes,
-            )
-        )
+        report.swapped.append(swapped)
     return report
 
 

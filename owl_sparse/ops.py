@@ -209,6 +209,8 @@ sparse24_linear.register_autograd(_backward_24, setup_context=_setup_24)
 # ---------------------------------------------------------------------------- entry
 def linear(x: Tensor, packed: BitmapWeight | Sparse24Weight, bias: Tensor | None = None) -> Tensor:
     """``x [..., K] @ W^T + bias`` for a packed weight ``W`` [N, K]; calls the matching op."""
+    if not isinstance(x, Tensor):  # the op schema would reject it with a torch error
+        raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if isinstance(packed, BitmapWeight):
         return torch.ops.owl_sparse.bitmap_linear(
             x, packed.bitmap, packed.values, packed.tile_offsets, bias, packed.N, packed.K

@@ -14,6 +14,9 @@ first decode step (warm-up) and, on CUDA, the capture step are left out of the t
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
+import operator
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -84,15 +87,17 @@ def sample_next(
 
     Args:
         logits: ``[B, V]`` any float dtype.
-        temperature: 0 = greedy (argmax); > 0 divides the logits before sampling.
+        temperature: 0 = greedy (argmax); > 0 (finite) divides the logits before sampling.
         top_k: keep the k most likely tokens (sampling only).
         top_p: keep the smallest set of tokens whose probability reaches p (sampling only).
         generator: a generator on the logits' device (seeded sampling).
 
     Returns:
-        int64 ``[B]``.  Sampling uses the exponential-race trick (argmax of p / E with
+        int64 ``[B]``.  Bad settings (a nan temperature, top_k 2.5, ...) raise InputError.
+        Sampling uses the exponential-race trick (argmax of p / E with
         E ~ Exp(1)), which draws from p without a host synchronisation.
     """
+    temperature, top_k, top_p = _sampling_settings(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     scores = logits.float() / temperature
@@ -111,17 +116,87 @@ def sample_next(
     return (probs / race).argmax(dim=-1)
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p, batch_size) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise InputError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
-    if batch_size is not None and batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+def _integer(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as a Python int: any integer (int, numpy integer, 0-d integer tensor), not
+    a bool or a float (never truncated); raises InputError naming ``name``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or (minimum is not None and number < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise InputError(f"{name} must be an integer{bound}, got {value!r}")
+    return number
+
+
+def _real(name: str, value, rule: str) -> float:
+    """``value`` as a float: any real number (int, float, numpy scalar), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{name} must be {rule}, got {value!r}")
+    return float(value)
+
+
+def _sampling_settings(temperature, top_k, top_p) -> tuple[float, int | None, float | None]:
+    """Checked (temperature, top_k, top_p) as Python numbers; raises InputError."""
+    rule = "a finite number >= 0 (0 = greedy)"
+    temperature = _real("temperature", temperature, rule)
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InputError(f"temperature must be {rule}, got {temperature}")
+    if top_k is not None:
+        top_k = _integer("top_k", top_k, minimum=1)
+    if top_p is not None:
+        rule = "a number in (0, 1]"
+        top_p = _real("top_p", top_p, rule)
+        if not 0.0 < top_p <= 1.0:  # also refuses nan
+            raise InputError(f"top_p must be {rule}, got {top_p}")
+    return temperature, top_k, top_p
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, batch_size, seed) -> tuple:
+    """The generation settings, checked and as Python numbers, in argument order."""
+    max_new_tokens = _integer("max_new_tokens", max_new_tokens, minimum=1)
+    temperature, top_k, top_p = _sampling_settings(temperature, top_k, top_p)
+    if batch_size is not None:
+        batch_size = _integer("batch_size", batch_size, minimum=1)
+    return max_new_tokens, temperature, top_k, top_p, batch_size, _integer("seed", seed)
+
+
+def _check_ids(seqs, vocab: int) -> list[list[int]]:
+    """``seqs`` as lists of Python ints in ``[0, vocab)``; raises InputError naming the
+    prompt (and position) of the first bad one.  Float ids are refused, never truncated."""
+    if isinstance(seqs, str | bytes) or not hasattr(seqs, "__iter__"):
+        raise InputError(f"seqs must be a list of token id lists, got {type(seqs).__name__}")
+    out = []
+    for i, s in enumerate(seqs):
+        if isinstance(s, torch.Tensor):
+            if s.dim() != 1 or s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
+                raise InputError(
+                    f"prompt {i}: token id must be an integer, got a {s.dtype} tensor of "
+                    f"shape {list(s.shape)}"
+                )
+            s = s.tolist()
+        if isinstance(s, str | bytes) or not hasattr(s, "__iter__"):
+            raise InputError(f"prompt {i} must be a list of token ids, got {type(s).__name__}")
+        ids = []
+        for j, t in enumerate(s):
+            try:
+                if isinstance(t, bool):  # True is not token 1
+                    raise TypeError
+                ids.append(operator.index(t))
+            except TypeError:
+                raise InputError(
+                    f"prompt {i}, position {j}: token id must be an integer, got {t!r}"
+                ) from None
+        if not ids:
+            raise InputError(f"prompt {i} tokenized to zero tokens")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InputError(f"prompt {i} has token ids outside [0, {vocab})")
+        out.append(ids)
+    if not out:
+        raise InputError("no prompts given")
+    return out
 
 
 def _eos_ids(model, tokenizer, eos_token_id) -> list[int]:
@@ -132,9 +207,8 @@ def _eos_ids(model, tokenizer, eos_token_id) -> list[int]:
                 break
     if eos_token_id is None:
         return []
-    return [
-        int(e) for e in (eos_token_id if isinstance(eos_token_id, list | tuple) else [eos_token_id])
-    ]
+    listed = eos_token_id if isinstance(eos_token_id, list | tuple) else [eos_token_id]
+    return [_integer("eos_token_id", e) for e in listed]
 
 
 def generate(
@@ -217,18 +291,17 @@ def generate_ids(
 ) -> GenerateResult:
     """`generate` on token id lists (no tokenizer needed): same arguments and checks.
 
-    ``seqs`` is a list of non-empty lists of ints in ``[0, vocab_size)``; ``pad_token_id``
+    ``seqs`` is a list of non-empty lists of integer token ids in ``[0, vocab_size)`` (Python
+    or numpy ints, or 1-D integer tensors; floats are refused, never truncated).  The
+    counts (``max_new_tokens``, ``top_k``, ``batch_size``, ``seed``) take any integer but a
+    bool, ``temperature`` / ``top_p`` any finite real number.  ``pad_token_id``
     (default: the model's, else 0) only fills left padding, which is always masked.
     """
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, batch_size)
+    max_new_tokens, temperature, top_k, top_p, batch_size, seed = _check_sampling(
+        max_new_tokens, temperature, top_k, top_p, batch_size, seed
+    )
     vocab = text_config(model).vocab_size
-    if not seqs:
-        raise InputError("no prompts given")
-    for i, s in enumerate(seqs):
-        if len(s) == 0:
-            raise InputError(f"prompt {i} tokenized to zero tokens")
-        if min(s) < 0 or max(s) >= vocab:
-            raise InputError(f"prompt {i} has token ids outside [0, {vocab})")
+    seqs = _check_ids(seqs, vocab)
     longest = max(len(s) for s in seqs)
     limit = max_context(model)
     if limit is not None and longest + max_new_tokens > limit:
@@ -248,11 +321,11 @@ def generate_ids(
         dtype,
         device,
     )
-    if eos_token_id is None:
-        eos_token_id = _eos_ids(model, None, None)
-    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos = _eos_ids(model, None, eos_token_id)
     if pad_token_id is None:
         pad_token_id = getattr(model.config, "pad_token_id", None)
+    else:
+        pad_token_id = _integer("pad_token_id", pad_token_id)
     if pad_token_id is None or not 0 <= pad_token_id < vocab:
         pad_token_id = 0  # any valid id: padding is masked, but it is still embedded
     use_graph = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)

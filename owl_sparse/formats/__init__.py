@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import InputError
+from ._common import check_mask, check_weight
 from .bitmap import VALUES_PAD, BitmapWeight
 from .compressed_tensors import from_compressed_tensors, to_compressed_tensors
 from .sparse24 import Sparse24Weight, is_24_mask
@@ -41,8 +42,9 @@ def pack(weight: Tensor, mask: Tensor | None = None, format: str = "bitmap"):
     "auto" picks 2:4 when the mask (default ``weight != 0``) is 2:4, else bitmap.
     """
     if format == "auto":
-        m = weight != 0 if mask is None else mask
-        format = "2:4" if isinstance(m, Tensor) and is_24_mask(m) else "bitmap"
+        check_weight("auto", weight)  # before weight != 0 / is_24_mask can fail on it
+        m = weight != 0 if mask is None else check_mask("auto", weight, mask)
+        format = "2:4" if is_24_mask(m) else "bitmap"
     cls = FORMATS.get(format)
     if cls is None:
         raise InputError(

@@ -29,9 +29,14 @@ def check_tensor(name: str, t, dtypes, shape, ndim: int | None = None) -> None:
 
 
 def check_weight(fmt: str, weight) -> None:
-    """A dense weight to pack: a 2-D fp16/bf16/fp32 tensor."""
+    """A dense weight to pack: a 2-D, non-empty fp16/bf16/fp32 tensor with data (not meta)."""
     if not isinstance(weight, Tensor):
         raise InputError(f"{fmt}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.is_meta:  # no data: every later step would fail deep inside torch
+        raise InputError(
+            f"{fmt}: weight {list(weight.shape)} is on the meta device; "
+            "load real weights before packing"
+        )
     if weight.dim() != 2:
         raise InputError(f"{fmt}: weight must be 2-D [N, K], got shape {list(weight.shape)}")
     if weight.dtype not in FLOAT_DTYPES:
@@ -48,6 +53,8 @@ def check_mask(fmt: str, weight: Tensor, mask) -> Tensor:
         return weight != 0
     if not isinstance(mask, Tensor):
         raise InputError(f"{fmt}: mask must be a bool torch.Tensor, got {type(mask).__name__}")
+    if mask.is_meta:
+        raise InputError(f"{fmt}: mask is on the meta device; pass a real bool tensor")
     if mask.dtype != torch.bool:
         raise InputError(f"{fmt}: mask must have dtype torch.bool, got {mask.dtype}")
     if mask.shape != weight.shape:
