@@ -14,10 +14,15 @@ A checkpoint directory holds
   method, allocation and its parameters, a hash of the calibration settings, package
   versions, the tied-weight map, the sha256 of config.json and the size of the weights.
 
-Saving is atomic (`model_io.atomic_directory`): everything is written and fsynced in a
-hidden directory beside the target, ``sparsity.json`` last, then renamed into place.  An
+Saving checks first what loading will check (every floating tensor with the same
+`model_io.check_values`, each packed layer's invariants, every tensor's name, dtype and
+shape against the model the config rebuilds), so a save that succeeds always loads.  It is
+atomic (`model_io.atomic_directory`): everything is written and fsynced in a hidden
+directory beside the target, ``sparsity.json`` last, then renamed into place.  An
 interrupted save leaves at most that hidden directory, which has no ``sparsity.json`` and
-no ``model.safetensors``, so neither owl-sparse nor transformers loads it.
+no ``model.safetensors``, so neither owl-sparse nor transformers loads it.  An existing
+directory is replaced only when it is empty or an owl-sparse output holding nothing but
+files our writers produce.
 
 Loading (`load_pretrained`) never materialises a dense weight of a packed layer: the model
 is rebuilt from its config with parameters on the meta device, the packed layers are
@@ -49,10 +54,11 @@ from .checkpoint_record import (
     versions,
 )
 from .errors import InputError
-from .safetensors_io import SafeReader, write_safetensors
+from .safetensors_io import SafeReader, TensorEntry, write_safetensors
 
 RECORD = "sparsity.json"
 WEIGHTS = "owl_sparse.safetensors"
+REPORT = "prune_report.json"  # written beside a checkpoint by ``owl-sparse prune --out``
 
 
 # --------------------------------------------------------------------------------------
@@ -109,8 +115,13 @@ def _main_dtype(model: nn.Module) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _is_checkpoint(path: Path) -> bool:
-    return (path / RECORD).is_file() or not any(path.iterdir())
+def is_owl_sparse_output(path) -> bool:
+    """True for a directory an owl-sparse save wrote: a packed checkpoint (``sparsity.json``)
+    or the dense output of ``owl-sparse prune`` (``prune_report.json``).  Such a directory
+    may be replaced by a later save (`model_io.check_replaceable` also requires that it
+    holds only files our writers produce)."""
+    path = Path(path)
+    return (path / RECORD).is_file() or (path / REPORT).is_file()
 
 
 def save_pretrained(
@@ -121,14 +132,20 @@ def save_pretrained(
     Args:
         model: a transformers causal LM whose pruned layers were swapped for SparseLinear
             (``owl_sparse.nn.sparsify_``); GPT-2 models after ``conv1d_to_linear_``.
-        path: target directory; an existing one is replaced only if it is empty or an
-            owl-sparse checkpoint (otherwise InputError, nothing written).
+        path: target directory; an existing one is replaced only if it is empty, or an
+            owl-sparse output (`is_owl_sparse_output`) holding only files our writers
+            produce (otherwise InputError listing the others, nothing written).
         tokenizer: saved beside the weights when given (``save_pretrained`` interface).
         prune_report: the ``PruneReport`` of the run (method, allocation, per-layer targets).
         calibration: the calibration settings (dict / dataclass) or token tensors; only
             their sha256 (and JSON-able settings) are recorded.
 
     Returns the checkpoint path.
+
+    Raises:
+        InputError: for a model the loader would refuse (a NaN or Inf value, a packed layer
+        violating its format's invariants, a tensor whose dtype or shape differs from the
+        model its config rebuilds), naming the tensor; or a ``path`` it may not replace.
     """
     path = Path(path)
     layers = sparse_layers(model)
@@ -143,14 +160,20 @@ def save_pretrained(
     dtype = str(_main_dtype(model)).replace("torch.", "")
     if dtype not in DTYPES:
         raise InputError(f"cannot save a {dtype} model: use one of {sorted(DTYPES)}")
+    where = f"cannot save to {path}"
+    for name, layer in layers.items():
+        try:
+            layer.packed.validate()
+        except InputError as e:
+            raise InputError(f"{where}: layer {name!r}: {e}") from None
+    for name, t in tensors.items():
+        model_io.check_values(name, t, where)
     record = {
         "owl_sparse_checkpoint": CHECKPOINT_VERSION,
         "weights_file": WEIGHTS,
         "model_class": type(model).__name__,
         "dtype": dtype,
-        # GPT-2's Conv1D layers were turned into nn.Linear before packing; the loader
-        # rebuilds from config (Conv1D again) and must convert the same way.
-        "conv1d_to_linear": _converted_conv1d(model, config),
+        "conv1d_to_linear": False,  # set by _check_loadable
         "tied": tied,
         "layers": {
             name: {
@@ -178,7 +201,12 @@ def save_pretrained(
         }
     cfg = json.loads(config.to_json_string(use_diff=False))
     cfg.pop("quantization_config", None)
-    with model_io.atomic_directory(path, _is_checkpoint) as tmp:
+    try:  # the loader rebuilds the model from the JSON written here: so does the check
+        saved_config = type(config).from_dict(cfg)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise InputError(f"{where}: the config does not rebuild from its JSON ({e})") from e
+    record["conv1d_to_linear"] = _check_loadable(model, saved_config, record, tensors, where)
+    with model_io.atomic_directory(path, is_owl_sparse_output) as tmp:
         config_bytes = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
         (tmp / "config.json").write_bytes(config_bytes)
         model_io.save_tokenizer(tokenizer, tmp)
@@ -202,13 +230,45 @@ def _nnz(packed) -> int:
     return int(packed.nnz)
 
 
+def _check_loadable(model: nn.Module, config, record: dict, tensors: dict, where) -> bool:
+    """Match what is about to be saved with the model `load_pretrained` will rebuild.
+
+    The same `plan_tensors` the loader runs on the file's header, here on the tensors:
+    class, names, dtypes and shapes (a layer converted to another dtype, a buffer the
+    config does not build). Raises InputError; returns the record's ``conv1d_to_linear``.
+    """
+    skeleton = model_io.meta_model(config, DTYPES[record["dtype"]])
+    # GPT-2's Conv1D layers were turned into nn.Linear before packing; the loader rebuilds
+    # from config (Conv1D again) and must convert the same way.
+    conv1d = not _has_conv1d(model) and _has_conv1d(skeleton)
+    if conv1d:
+        from .models import conv1d_to_linear_
+
+        conv1d_to_linear_(skeleton)
+    if type(skeleton).__name__ != type(model).__name__:
+        raise InputError(
+            f"{where}: the config rebuilds a {type(skeleton).__name__}, not this "
+            f"{type(model).__name__}; save the causal LM itself"
+        )
+    entries = {
+        name: TensorEntry(name, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
+        for name, t in tensors.items()
+    }
+    expected = model_io.expected_tensors(skeleton)
+    plan_tensors(skeleton, expected, record, entries, where)
+    return conv1d
+
+
+def _has_conv1d(model: nn.Module) -> bool:
+    return any(type(m).__name__ == "Conv1D" for m in model.modules())
+
+
 def _converted_conv1d(model: nn.Module, config) -> bool:
     """True when the model has no Conv1D but its config builds one (GPT-2 after
     ``conv1d_to_linear_``): the loader must convert the same way."""
-    if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+    if _has_conv1d(model):
         return False
-    skeleton = model_io.meta_model(config, torch.float32)
-    return any(type(m).__name__ == "Conv1D" for m in skeleton.modules())
+    return _has_conv1d(model_io.meta_model(config, torch.float32))
 
 
 # --------------------------------------------------------------------------------------
@@ -230,8 +290,10 @@ def load_pretrained(path, device=None, dtype: torch.dtype | None = None):
     Args:
         path: the checkpoint directory.
         device: where to put the model (default CPU); tensors are read and checked on CPU.
+            A torch.device or a string torch parses; it must exist on this machine.
         dtype: convert floating parameters and packed values to this dtype (default: as
-            stored).
+            stored): ``torch.float16`` / ``bfloat16`` / ``float32`` or their names
+            (``"float16"`` ...).  A value that does not fit float16 is refused.
 
     Returns:
         ``(model, tokenizer)``: the transformers model in eval mode with SparseLinear
@@ -239,9 +301,11 @@ def load_pretrained(path, device=None, dtype: torch.dtype | None = None):
 
     Raises:
         InputError: naming the file, tensor and problem, for anything missing, truncated,
-        inconsistent, non-finite or not safetensors.  Nothing is ever unpickled.
+        inconsistent, non-finite or not safetensors, and for a bad ``dtype`` / ``device``
+        (checked before any file is read).  Nothing is ever unpickled.
     """
     path = Path(path)
+    dtype, device = model_io.resolve_dtype(dtype), model_io.resolve_device(device)
     if not path.is_dir():
         raise InputError(f"{path}: not a directory")
     if not is_checkpoint(path):
@@ -275,7 +339,7 @@ def load_pretrained(path, device=None, dtype: torch.dtype | None = None):
         )
     with reader:
         fill_model(model, reader, record["layers"], record["tied"], weights)
-    return finish(model, device, dtype), model_io.load_tokenizer(path)
+    return finish(model, device, dtype, path), model_io.load_tokenizer(path)
 
 
 def fill_model(model: nn.Module, reader: SafeReader, layers: dict, tied: dict, where) -> None:
@@ -312,14 +376,19 @@ def fill_model(model: nn.Module, reader: SafeReader, layers: dict, tied: dict, w
     model_io.check_materialised(model, where)
 
 
-def finish(model: nn.Module, device=None, dtype: torch.dtype | None = None) -> nn.Module:
+def finish(
+    model: nn.Module, device=None, dtype: torch.dtype | None = None, where="model"
+) -> nn.Module:
     """Convert floating parameters and packed values to ``dtype``, move to ``device``, eval.
 
-    Buffers outside SparseLinear (rotary inv_freq tables) keep their dtype, as when
-    transformers loads a model in half precision.
+    ``dtype`` / ``device`` as for `load_pretrained` (InputError otherwise, and for a value
+    that float16 cannot hold, named with ``where``).  Buffers outside SparseLinear (rotary
+    inv_freq tables) keep their dtype, as when transformers loads a model in half precision.
     """
     from .nn import SparseLinear
 
+    dtype, device = model_io.resolve_dtype(dtype), model_io.resolve_device(device)
+    model_io.check_fits(model, dtype, where)
     if dtype is not None:
         for module in model.modules():
             if isinstance(module, SparseLinear):

@@ -1,8 +1,10 @@
 """The ``owl-sparse`` command line: a thin shell over the library (argparse lives only here).
 
 Every subcommand returns a JSON-able dict; with ``--json`` it is printed as one JSON object
-on the last line of standard output. Bad input prints one line ``owl-sparse: error: ...``
-and exits with status 2.
+on the last line of standard output. Bad input (a bad argument, a file that cannot be read
+or written) prints one line ``owl-sparse: error: ...`` and exits with status 2; arguments
+that need no model (``--out``, ``--format`` against ``--pattern``, the pruning config) are
+checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +16,27 @@ import sys
 import time
 
 from .errors import InputError
+
+# What `prune --out` / `demo --out` may replace (see model_io.check_replaceable).
+_OUT_KIND = "an owl-sparse output (a packed checkpoint or a dense prune output)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the documented one-line error (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"owl-sparse: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (sizes and counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -34,15 +57,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="owl-sparse", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="owl-sparse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="perplexity of a model on a text")
     _add_model(p)
     p.add_argument("--text", default="wikitext2", help="text file or dataset name")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seqlen", type=_positive_int, default=2048)
+    p.add_argument("--max-windows", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=1)
     _add_common(p)
     p.set_defaults(func=cmd_eval)
 
@@ -59,22 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluation text (default: WikiText-2 test "
         "from the shared data if present, else Python's own documentation prose)",
     )
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--seqlen", type=_positive_int, default=512)
+    p.add_argument("--max-windows", type=_positive_int, default=16)
     p.add_argument(
         "--calib-text",
         default=None,
         help="calibration text file, or 'self' to sample from the model (default: "
         "WikiText-2 valid from the shared data if present, else 'self')",
     )
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--calib-samples", type=_positive_int, default=32)
+    p.add_argument("--calib-seqlen", type=_positive_int, default=256)
     p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
     p.add_argument("--allocation", default="owl", choices=["uniform", "owl", "sensitivity"])
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4")
     p.add_argument("--format", default="auto", choices=["auto", "bitmap", "2:4"])
-    p.add_argument("--new-tokens", type=int, default=24, help="tokens generated per sample")
+    p.add_argument(
+        "--new-tokens", type=_positive_int, default=24, help="tokens generated per sample"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to save the packed checkpoint")
     _add_common(p)
@@ -88,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     p.add_argument(
         "--batch",
-        type=int,
+        type=_positive_int,
         default=None,
         help="sequences per forward pass; prompts are repeated to fill one batch "
         "when fewer are given (default: all prompts at once)",
@@ -122,17 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration text file or dataset name (train split), or 'self' to "
         "sample from the model; not needed for uniform magnitude",
     )
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048, help="calibration (and evaluation) length")
+    p.add_argument("--calib-samples", type=_positive_int, default=128)
+    p.add_argument(
+        "--seqlen", type=_positive_int, default=2048, help="calibration (and evaluation) length"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=_positive_int,
         default=None,
         help="calibration samples per block forward (default: by memory budget)",
     )
     p.add_argument("--eval-text", default=None, help="evaluate perplexity on this text after")
-    p.add_argument("--eval-windows", type=int, default=None)
+    p.add_argument("--eval-windows", type=_positive_int, default=None)
     p.add_argument(
         "--out",
         default=None,
@@ -162,17 +189,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_device(name: str | None):
+    """``--device``: a device torch parses and this machine has (InputError otherwise);
+    default cuda when available, else cpu."""
     import torch
 
+    from .model_io import resolve_device as parse_device
+
     if name:
-        return torch.device(name)
+        return parse_device(name, "--device")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_dtype(name: str | None):
-    import torch
+    """``--dtype``: None or float32 / float16 / bfloat16 as a torch dtype."""
+    from .model_io import resolve_dtype as parse_dtype
 
-    return None if name is None else getattr(torch, name)
+    return parse_dtype(name, "--dtype")
+
+
+def fits_24(nm: tuple[int, int] | None) -> bool:
+    """True when every N:M mask keeps at most 2 of each aligned group of 4 (the 2:4 format
+    can store it): 2:4, 1:4, 1:2, 2:8, ... Unstructured masks (None) are not guaranteed."""
+    if nm is None:
+        return False
+    n, m = nm
+    return (m % 4 == 0 and n <= 2) or (4 % m == 0 and n * (4 // m) <= 2)
+
+
+def check_format(fmt: str, config) -> None:
+    """``--format 2:4`` needs a pattern whose masks 2:4 can store (checked before pruning)."""
+    if fmt == "2:4" and not fits_24(config.nm):
+        raise InputError(
+            f"--format 2:4 stores at most 2 of every 4 weights, which --pattern "
+            f"{config.pattern} does not guarantee: use --pattern 2:4, or --format auto / "
+            "bitmap (any mask)"
+        )
+
+
+def check_out(out) -> None:
+    """``--out`` must be creatable or replaceable (checked before the model is loaded)."""
+    from .checkpoint import is_owl_sparse_output
+    from .model_io import check_replaceable
+
+    if out is not None:
+        check_replaceable(out, is_owl_sparse_output, _OUT_KIND)
 
 
 def cmd_eval(args) -> dict:
@@ -210,7 +270,20 @@ def cmd_info(args) -> dict:
         f"at '{info['blocks_path']}'"
     )
     for name, shape in info["block_linears"].items():
-        print(f"  {name:<28} {shape[0]} x {shape[1]}")
+        packed = info["block_packed"].get(name)
+        extra = (
+            f"  {packed['format']}, {packed['sparsity']:.1%} sparse, "
+            f"{packed['bytes'] / 2**10:.1f} KiB packed"
+            if packed
+            else ""
+        )
+        print(f"  {name:<28} {shape[0]} x {shape[1]}{extra}")
+    if info["packed"]["layers"]:
+        p = info["packed"]
+        print(
+            f"{p['layers']} packed layers: {p['bytes'] / 2**20:.2f} MiB "
+            f"({p['dense_bytes'] / 2**20:.2f} MiB dense)"
+        )
     return info
 
 
@@ -286,7 +359,11 @@ def cmd_prune(args) -> dict:
             f"{config.method} with {config.allocation} allocation needs "
             "--calib-text (a text file, a dataset name, or 'self')"
         )
-    # bad text paths fail before the model loads
+    if args.out:
+        check_out(args.out)
+        if args.format != "dense":
+            check_format(args.format, config)
+    # bad text paths and devices fail before the model loads
     calib_text = (
         None if args.calib_text in (None, "self") else load_text(args.calib_text, split="train")
     )
@@ -325,12 +402,18 @@ def cmd_prune(args) -> dict:
             f"{result.seqlen} tokens"
         )
     if args.out:
+        from . import model_io
+        from .checkpoint import REPORT, is_owl_sparse_output, save_pretrained
+
         path = Path(args.out)
         if args.format == "dense":
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
+            # The same atomic, replace-checked write as the packed checkpoint: the report
+            # goes in with the weights (it is what marks the directory as ours).
+            with model_io.atomic_directory(path, is_owl_sparse_output, _OUT_KIND) as tmp:
+                model.save_pretrained(tmp)
+                model_io.save_tokenizer(tokenizer, tmp)
+                (tmp / REPORT).write_text(report.to_json(indent=1))
         else:
-            from .checkpoint import save_pretrained
             from .nn import sparsify_
 
             sparsify_(model, format=args.format, masks=report.masks)
@@ -338,7 +421,7 @@ def cmd_prune(args) -> dict:
                 k: getattr(args, k) for k in ("calib_text", "calib_samples", "seqlen", "seed")
             }
             save_pretrained(model, path, tokenizer, prune_report=report, calibration=settings)
-        (path / "prune_report.json").write_text(report.to_json(indent=1))
+            (path / REPORT).write_text(report.to_json(indent=1))
         out["out"] = str(path)
         print(f"saved the pruned ({args.format}) checkpoint to {path}")
     return out
@@ -361,19 +444,30 @@ def cmd_bench(args) -> dict:
     return module.main(args.rest)
 
 
+def _error(message) -> int:
+    """Print the one-line error (a multi-line message is joined) and return status 2."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"owl-sparse: error: {text}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
+    """Run the command line; returns the exit status (2 for bad input, 0 on success)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0), or an argument error already printed (2)
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.WARNING, format="owl-sparse: %(message)s")
     _quiet_transformers()
     try:
         result = args.func(args)
     except InputError as e:
-        print(f"owl-sparse: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     except FileNotFoundError as e:
-        print(f"owl-sparse: error: {e.filename or e}: no such file", file=sys.stderr)
-        return 2
+        return _error(f"{e.filename or e}: no such file")
+    except OSError as e:  # permissions, a full disk, a path through a file: not a traceback
+        return _error(e)
     if args.json:
         print(json.dumps(result, default=str))
     return 0

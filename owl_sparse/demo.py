@@ -75,15 +75,27 @@ def _dir_bytes(path: Path) -> int:
 
 def run_demo(args) -> dict:
     from .checkpoint import load_pretrained, save_pretrained
-    from .cli import resolve_device, resolve_dtype
+    from .cli import check_format, check_out, resolve_device, resolve_dtype
     from .nn import sparsify_
     from .prune import PruneConfig, prune
     from .serve import generate
 
+    # Everything that needs no model is checked first: loading, the dense perplexity and
+    # generation take minutes on a real model.
+    config = PruneConfig(
+        method=args.method,
+        sparsity=args.sparsity,
+        allocation=args.allocation,
+        pattern=args.pattern,
+        seed=args.seed,
+    )
+    check_format(args.format, config)
+    check_out(args.out)
     progress = not args.quiet
     device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     print(
         f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, "
         f"loaded in {time.perf_counter() - start:.1f} s) on {device}"
@@ -118,13 +130,6 @@ def run_demo(args) -> dict:
 
     calibration, calib_description = pick_calibration(model, tokenizer, args)
     print(f"calibration: {calib_description}")
-    config = PruneConfig(
-        method=args.method,
-        sparsity=args.sparsity,
-        allocation=args.allocation,
-        pattern=args.pattern,
-        seed=args.seed,
-    )
     report = prune(model, calibration, config, progress=progress)
     print(report)
     pruned_ppl = perplexity(model, windows, progress=progress).perplexity

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -34,7 +33,6 @@ from .safetensors_io import SafeReader, write_safetensors
 
 CT_FORMATS = {"sparse-bitmask": "bitmap", "sparse-24-bitmask": "2:4"}
 CT_VERSION = "0.9.4"  # the layout of this release (unchanged until the compressors' removal)
-_SHARD = re.compile(r"^[A-Za-z0-9_.-]+\.safetensors$")
 
 
 def _compression_config(cfg: dict) -> dict | None:
@@ -77,7 +75,9 @@ def export_compressed_tensors(model_or_dir, out_dir, tokenizer=None) -> Path:
     row-major order, row offsets); when every packed layer is 2:4 the whole model uses
     sparse-24-bitmask.  A mixed model stores its 2:4 layers as sparse-bitmask too
     (compressed-tensors has one sparsity format per model).  Raises InputError for a model
-    without packed layers or with GPT-2 Conv1D layers (stored transposed there).
+    without packed layers or with GPT-2 Conv1D layers (stored transposed there), and for an
+    existing ``out_dir`` that is neither empty nor a compressed-tensors checkpoint holding
+    only files our writers produce (`model_io.check_replaceable`; nothing is written).
     """
     from .checkpoint import _converted_conv1d, packed_state, sparse_layers
     from .formats import BitmapWeight, to_compressed_tensors
@@ -125,8 +125,10 @@ def export_compressed_tensors(model_or_dir, out_dir, tokenizer=None) -> Path:
             "ignore": [],
         },
     }
+    # An existing directory is replaced only when it is empty or a compressed-tensors
+    # checkpoint holding nothing but files our writers produce.
     with model_io.atomic_directory(
-        out_dir, lambda p: not any(p.iterdir()) or is_compressed_tensors_dir(p)
+        out_dir, is_compressed_tensors_dir, "a compressed-tensors checkpoint"
     ) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         model_io.save_tokenizer(tokenizer, tmp)
@@ -139,30 +141,6 @@ def export_compressed_tensors(model_or_dir, out_dir, tokenizer=None) -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(wm.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise InputError(f"{index}: not a valid shard index ({e})") from e
-        bad = [f for f in files if not isinstance(f, str) or not _SHARD.match(f)]
-        if bad:
-            raise InputError(
-                f"{index}: shard names must be plain *.safetensors files, got {bad[:3]}"
-            )
-        return [path / f for f in files]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-    if pickles:
-        raise InputError(
-            f"{path}: only pickle weights ({pickles[:3]}); owl-sparse reads safetensors only"
-        )
-    raise InputError(f"{path}: no model.safetensors")
-
-
 def load_compressed_tensors(path, device=None, dtype: torch.dtype | None = None):
     """Import a compressed-tensors sparse checkpoint; returns ``(model, tokenizer)``.
 
@@ -172,6 +150,7 @@ def load_compressed_tensors(path, device=None, dtype: torch.dtype | None = None)
     from .checkpoint import finish
 
     path = Path(path)
+    dtype, device = model_io.resolve_dtype(dtype), model_io.resolve_device(device)
     cfg = _read_config(path)
     qc = _compression_config(cfg) or {}
     sc = qc.get("sparsity_config")
@@ -184,7 +163,7 @@ def load_compressed_tensors(path, device=None, dtype: torch.dtype | None = None)
     # would otherwise insist on its own compressed-tensors integration).
     plain = {k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config")}
     config = model_io.load_config(path, plain)
-    readers = [SafeReader(f) for f in _weight_files(path)]
+    readers = [SafeReader(f) for f in model_io.weight_files(path)]
     dtype_name = cfg.get("dtype") or cfg.get("torch_dtype")
     if dtype_name is None:  # older configs: the dtype the weights are stored in
         floats = [e.dtype for r in readers for e in r.entries.values() if e.dtype.is_floating_point]
@@ -205,7 +184,7 @@ def load_compressed_tensors(path, device=None, dtype: torch.dtype | None = None)
     finally:
         for r in readers:
             r.__exit__(None, None, None)
-    return finish(model, device, dtype), model_io.load_tokenizer(path)
+    return finish(model, device, dtype, path), model_io.load_tokenizer(path)
 
 
 def _fill(model: nn.Module, owner: dict[str, SafeReader], fmt: str, where) -> None:

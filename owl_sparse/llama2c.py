@@ -34,6 +34,8 @@ _BOS, _EOS = 1, 2  # fixed by run.c
 _NO_MERGE = -1e10  # run.c starts its best-score search here: pairs scoring <= this never merge
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 _MARKER = "llama2c_tokenizer.json"
+# The marker names its tokenizer file inside the same directory: a plain name, no path.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class MissingTokenizerError(InputError, FileNotFoundError):
@@ -466,9 +468,19 @@ class Llama2cTokenizer:
             raise MissingTokenizerError(f"{path}: no {_MARKER} (not a saved llama2.c tokenizer)")
         try:
             meta = json.loads(marker.read_text())
-            file, vocab = path / meta["tokenizer_file"], int(meta["vocab_size"])
-        except (ValueError, KeyError, TypeError) as e:
+            name, vocab = meta["tokenizer_file"], int(meta["vocab_size"])
+            max_len = meta.get("model_max_length")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise InputError(f"{marker}: malformed marker ({e})") from None
+        if not isinstance(name, str) or not _PLAIN_NAME.match(name):
+            raise InputError(
+                f"{marker}: tokenizer_file must be a plain file name in {path}, got {name!r}"
+            )
+        if max_len is not None and (type(max_len) is not int or max_len < 1):
+            raise InputError(
+                f"{marker}: model_max_length must be a positive integer or null, got {max_len!r}"
+            )
+        file = path / name
         if not file.is_file():
             raise MissingTokenizerError(f"{marker}: names {file}, which does not exist")
-        return cls(file, vocab_size=vocab, model_max_length=meta.get("model_max_length"))
+        return cls(file, vocab_size=vocab, model_max_length=max_len)

