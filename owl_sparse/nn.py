@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.owl_sparse.*)
 from .errors import InputError
-from .formats import FORMATS, BitmapWeight, Sparse24Weight, is_24_mask, pack
+from .formats import FORMATS, BitmapWeight, Sparse24Weight, pack, resolve_format
 from .formats._common import check_mask
 
 
@@ -237,9 +237,9 @@ def sparsify_(
     (``model.get_output_embeddings()``) and layers whose weight is tied to an nn.Embedding
     are skipped unless ``skip_output_embeddings=False``.
 
-    All or nothing: every layer is packed before any is swapped, so on an error (a bad
-    mask, a layer that is not 2:4, a weight on the meta device) the model is unchanged.
-    Peak memory is therefore the dense model plus all packed layers.
+    Every layer is checked (mask, meta device, dtype, 2:4 groups, size) before any is
+    packed, so bad input leaves the model unchanged; layers are then packed and swapped one
+    at a time, so peak memory is the dense model plus one packed layer.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"sparsify_: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -282,7 +282,8 @@ def sparsify_(
                 f"sparsify_: masks name no linear layer of the model: {unknown} "
                 f"(linear layers: {sorted(known)[:6]}{' ...' if len(known) > 6 else ''})"
             )
-    planned: list[tuple[nn.Module, SparseLinear, SwappedLayer]] = []
+    # 1. Check every layer (mask, meta device, dtype, 2:4 groups, size) without packing.
+    planned: list[tuple[str, nn.Module, Tensor | None, str, float]] = []
     for name, module in list(model.named_modules()):
         if not _linear_like(module):
             continue
@@ -313,26 +314,23 @@ def sparsify_(
         if filter_fn is not None and not filter_fn(module, name):
             report.skipped.append((name, "filter_fn"))
             continue
-        fmt = format
-        if fmt == "auto":
-            fmt = "2:4" if is_24_mask(keep) else "bitmap"
         try:
-            new = SparseLinear.from_linear(module, fmt, mask)
+            fmt = resolve_format(weight, keep, format)
         except InputError as exc:
             raise InputError(f"sparsify_: layer {name!r}: {exc}") from exc
-        swapped = SwappedLayer(
-            name,
-            fmt,
-            tuple(weight.shape),
-            sparsity,
-            weight.numel() * weight.element_size(),
-            new.nbytes,
-        )
-        planned.append((module, new, swapped))
-    for module, new, swapped in planned:
+        planned.append((name, module, mask, fmt, sparsity))
+        del weight, keep
+    # 2. Pack and swap one layer at a time: each dense layer is freed (when nothing else
+    # holds it) before the next is packed.
+    while planned:
+        name, module, mask, fmt, sparsity = planned.pop(0)
+        new = SparseLinear.from_linear(module, fmt, mask)
+        dense_bytes = module.weight.numel() * module.weight.element_size()
+        shape = (new.out_features, new.in_features)
+        report.swapped.append(SwappedLayer(name, fmt, shape, sparsity, dense_bytes, new.nbytes))
         for parent, attr in slots.get(id(module), []):
             setattr(parent, attr, new)
-        report.swapped.append(swapped)
+        del module, new
     return report
 
 

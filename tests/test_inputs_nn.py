@@ -177,6 +177,30 @@ def test_failed_sparsify_leaves_the_model_untouched():
         assert torch.equal(model(ids).logits, ref)
 
 
+def test_sparsify_frees_each_dense_layer_before_packing_the_next(monkeypatch):
+    """Checked first, then packed one layer at a time: when a layer is packed, every layer
+    packed before it is already swapped in and its dense module freed (peak memory: the
+    dense model plus one packed layer, not plus all of them)."""
+    import gc
+    import weakref
+
+    model = pruned_llama(pattern="2:4")
+    dense = [weakref.ref(m) for m in model.modules() if isinstance(m, nn.Linear)]
+    alive_at_pack = []
+    original = SparseLinear.from_linear.__func__
+
+    def counting(cls, linear, format="bitmap", mask=None):
+        gc.collect()
+        alive_at_pack.append(sum(r() is not None for r in dense))
+        return original(cls, linear, format, mask)
+
+    monkeypatch.setattr(SparseLinear, "from_linear", classmethod(counting))
+    report = sparsify_(model, format="2:4")
+    n = len(report.swapped)
+    assert n >= 4
+    assert alive_at_pack == [len(dense) - i for i in range(n)]
+
+
 # ------------------------------------------------------------------ D4: meta / non-tensor
 @pytest.mark.parametrize("fmt", ["bitmap", "2:4", "auto"])
 def test_packing_a_meta_weight_asks_for_real_weights(fmt):

@@ -32,8 +32,31 @@ __all__ = [
     "from_state_dict",
     "is_24_mask",
     "pack",
+    "resolve_format",
     "to_compressed_tensors",
 ]
+
+
+def _format_name(weight: Tensor, mask: Tensor | None, format: str) -> str:
+    """``format`` with "auto" resolved: "2:4" when the mask (default ``weight != 0``) is
+    2:4, else "bitmap"; InputError for an unknown name."""
+    if format == "auto":
+        check_weight("auto", weight)  # before weight != 0 / is_24_mask can fail on it
+        m = weight != 0 if mask is None else check_mask("auto", weight, mask)
+        return "2:4" if is_24_mask(m) else "bitmap"
+    if format not in FORMATS:
+        raise InputError(
+            f"unknown sparse format {format!r}; expected one of {sorted(FORMATS)} or 'auto'"
+        )
+    return format
+
+
+def resolve_format(weight: Tensor, mask: Tensor | None = None, format: str = "bitmap") -> str:
+    """The format :func:`pack` would produce ("bitmap" or "2:4") after every check it makes
+    (weight, mask, 2:4 groups, size), without packing: InputError where pack would fail."""
+    name = _format_name(weight, mask, format)
+    FORMATS[name].check_dense(weight, mask)
+    return name
 
 
 def pack(weight: Tensor, mask: Tensor | None = None, format: str = "bitmap"):
@@ -41,16 +64,7 @@ def pack(weight: Tensor, mask: Tensor | None = None, format: str = "bitmap"):
 
     "auto" picks 2:4 when the mask (default ``weight != 0``) is 2:4, else bitmap.
     """
-    if format == "auto":
-        check_weight("auto", weight)  # before weight != 0 / is_24_mask can fail on it
-        m = weight != 0 if mask is None else check_mask("auto", weight, mask)
-        format = "2:4" if is_24_mask(m) else "bitmap"
-    cls = FORMATS.get(format)
-    if cls is None:
-        raise InputError(
-            f"unknown sparse format {format!r}; expected one of {sorted(FORMATS)} or 'auto'"
-        )
-    return cls.from_dense(weight, mask)
+    return FORMATS[_format_name(weight, mask, format)].from_dense(weight, mask)
 
 
 def from_state_dict(state: dict[str, Tensor], prefix: str = "", validate: bool = True):

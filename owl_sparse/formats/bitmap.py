@@ -151,18 +151,27 @@ class BitmapWeight(PackedWeightMixin):
         )
 
     # ------------------------------------------------------------------ pack / unpack
-    @classmethod
-    def from_dense(cls, weight: Tensor, mask: Tensor | None = None) -> BitmapWeight:
-        """Pack ``weight`` [N, K] (fp16/bf16/fp32) keeping the entries where ``mask`` is True.
-
-        ``mask``: bool [N, K]; default ``weight != 0``.  Runs on the weight's device.
-        """
+    @staticmethod
+    def check_dense(weight: Tensor, mask: Tensor | None = None) -> Tensor:
+        """What :meth:`from_dense` checks, without packing: returns the bool [N, K] mask
+        (``weight != 0`` by default); InputError for a bad weight, mask or size."""
         check_weight("bitmap", weight)
         mask = check_mask("bitmap", weight, mask)
         n, k = weight.shape
         np_, kp = padded_shape(n, k)
         if np_ * kp >= 2**31:
             raise InputError(f"bitmap: weight [{n}, {k}] too large (int32 offsets)")
+        return mask
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, mask: Tensor | None = None) -> BitmapWeight:
+        """Pack ``weight`` [N, K] (fp16/bf16/fp32) keeping the entries where ``mask`` is True.
+
+        ``mask``: bool [N, K]; default ``weight != 0``.  Runs on the weight's device.
+        """
+        mask = cls.check_dense(weight, mask)
+        n, k = weight.shape
+        np_, kp = padded_shape(n, k)
         w = torch.zeros(np_, kp, dtype=weight.dtype, device=weight.device)
         m = torch.zeros(np_, kp, dtype=torch.bool, device=weight.device)
         w[:n, :k] = weight

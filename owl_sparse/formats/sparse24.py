@@ -109,13 +109,11 @@ class Sparse24Weight(PackedWeightMixin):
         )
 
     # ------------------------------------------------------------------ pack / unpack
-    @classmethod
-    def from_dense(cls, weight: Tensor, mask: Tensor | None = None) -> Sparse24Weight:
-        """Pack ``weight`` [N, K] (K % 4 == 0) keeping the entries where ``mask`` is True.
-
-        ``mask``: bool [N, K] with at most 2 True per group of 4 columns; default
-        ``weight != 0``.  Raises InputError naming K, or the first row/group that breaks 2:4.
-        """
+    @staticmethod
+    def check_dense(weight: Tensor, mask: Tensor | None = None) -> Tensor:
+        """What :meth:`from_dense` checks, without packing: returns the bool [N, K] mask
+        (``weight != 0`` by default); InputError naming K, or the first row/group that
+        breaks 2:4."""
         check_weight("2:4", weight)
         n, k = weight.shape
         if k % 4 != 0:
@@ -131,6 +129,18 @@ class Sparse24Weight(PackedWeightMixin):
                 f"mask is not 2:4: row {r}, group {g} (columns {4 * g}..{4 * g + 3}) keeps "
                 f"{int(groups[r, g].sum())} of 4 entries (weight [{n}, {k}])"
             )
+        return mask
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, mask: Tensor | None = None) -> Sparse24Weight:
+        """Pack ``weight`` [N, K] (K % 4 == 0) keeping the entries where ``mask`` is True.
+
+        ``mask``: bool [N, K] with at most 2 True per group of 4 columns; default
+        ``weight != 0``.  Raises InputError naming K, or the first row/group that breaks 2:4.
+        """
+        mask = cls.check_dense(weight, mask)
+        n, k = weight.shape
+        groups = mask.view(n, k // 4, 4)
         # Kept positions sort first (key = position), then unused ones (key = 4 + position):
         # the two smallest keys are the kept entries, topped up with the lowest unused slots.
         pos = torch.arange(4, device=weight.device)
