@@ -92,7 +92,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["owl_sparse", "owl_sparse.*"]) + ["owl_sparse.kernels"],
     package_dir={"owl_sparse.kernels": "kernels"},
-    package_data={"owl_sparse": ["dispatch_tables/*.json", "dispatch_tables/*.md"]},
+    package_data={"owl_sparse": ["ops/tables/*.json", "ops/tables/*.md"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -104,11 +104,17 @@ setup(
         "accelerate>=0.26",  # transformers needs it to read GGUF files
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5"],
+        "test": [
+            "pytest>=7",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "ruff>=0.5",
+            "import-linter>=2.1",
+        ],
         "bench": ["matplotlib>=3.5"],
         "build": ["pybind11>=2.10", "ninja>=1.10"],
     },
-    entry_points={"console_scripts": ["owl-sparse=owl_sparse.cli:main"]},
+    entry_points={"console_scripts": ["owl-sparse=owl_sparse.cli.main:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -69,7 +69,8 @@ def weight_bytes(model) -> dict:
 
 def measure(model, device, args, gen) -> dict:
     """Decode tokens/s per batch size, then prefill time; peak memory of each phase."""
-    from owl_sparse import dispatch
+    from owl_sparse.ops import dense as dense_cache
+    from owl_sparse.ops import dispatch
     from owl_sparse.serve import generate_ids
 
     vocab = model.config.vocab_size
@@ -100,7 +101,7 @@ def measure(model, device, args, gen) -> dict:
         times.append(generate_ids(model, prompt, max_new_tokens=1, stop_at_eos=False).prefill_s)
     out["prefill_s"] = statistics.median(times[1:] if len(times) > 1 else times)
     out["peak_bytes"] = peak_memory_bytes(device)
-    out["dense_cache_bytes"] = dispatch.dense_cache_bytes()
+    out["dense_cache_bytes"] = dense_cache.dense_cache_bytes()
     return out
 
 
@@ -126,9 +127,9 @@ def run(args) -> dict:
             if deadline.expired():
                 skipped.append(f"{model_name} {variant} (budget)")
                 continue
-            from owl_sparse import dispatch
+            from owl_sparse.ops import dense as dense_cache
 
-            dispatch.clear_dense_cache()
+            dense_cache.clear_dense_cache()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             model, notes = build(model_name, variant, device, dtype, args)

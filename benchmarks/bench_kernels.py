@@ -4,7 +4,7 @@ For every (layer shape, dtype, format/sparsity, token count) it times
 
 - ``cublas``: ``F.linear`` on the dense weight (the baseline);
 - ``torch_2:4``: ``torch.sparse.to_sparse_semi_structured`` (2:4 only, where it runs);
-- every registered backend of the format (``owl_sparse.dispatch``: Triton, CUDA extension),
+- every registered backend of the format (``owl_sparse.ops.dispatch``: Triton, CUDA extension),
   each forced explicitly through the public op ``owl_sparse.ops.linear``;
 
 and reports median time, achieved GB/s, effective TFLOP/s (2*T*N*K / time), speed-up over
@@ -101,7 +101,7 @@ def random_weight(n: int, k: int, pattern: str, dtype, device, gen) -> tuple:
 
 
 def _contenders(fmt: str, tokens: int, only: list[str] | None) -> list[str]:
-    from owl_sparse import dispatch
+    from owl_sparse.ops import dispatch
 
     names = ["cublas"] + (["torch_2:4"] if fmt == "2:4" else [])
     for name in dispatch.backends(fmt, only_available=True):
@@ -118,7 +118,8 @@ def _contenders(fmt: str, tokens: int, only: list[str] | None) -> list[str]:
 
 
 def _make_fn(name: str, fmt: str, x, dense, packed, semi):
-    from owl_sparse import dispatch, ops
+    from owl_sparse import ops
+    from owl_sparse.ops import dispatch
 
     if name == "cublas":
         return lambda: F.linear(x, dense)
@@ -278,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--table-out",
         default=None,
         help="write the dispatch table here (default on CUDA: "
-        "owl_sparse/dispatch_tables/<gpu>.json; 'none' to skip)",
+        "owl_sparse/ops/tables/<gpu>.json; 'none' to skip)",
     )
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     return p
@@ -298,7 +299,7 @@ def main(argv=None) -> dict:
         if args.json_out:
             write_json(args.json_out, doc)
         if table and table != "none" and doc["dispatch"]:
-            from owl_sparse import dispatch
+            from owl_sparse.ops import dispatch
 
             Path(table).parent.mkdir(parents=True, exist_ok=True)
             dispatch.save_table(table, doc["env"]["device"], doc["dispatch"])

@@ -102,15 +102,15 @@ def _small():
 
 
 def _calibration(args, model, tokenizer, n, seqlen):
+    from owl_sparse import settings
     from owl_sparse.data import calibration_batches, load_text, tokenize
-    from owl_sparse.models import data_dir
 
     if tokenizer is None:
         gen = torch.Generator().manual_seed(0)
         return torch.randint(0, model.config.vocab_size, (n, seqlen), generator=gen), "random ids"
     spec = args.calib_text
     if spec is None:
-        root = data_dir()
+        root = settings.get().data_dir
         if root is None:
             raise SystemExit("no --calib-text and no shared data directory (OWL_SPARSE_DATA)")
         spec = root / "wikitext-2-tokenized" / "valid.txt"
@@ -134,7 +134,7 @@ def _plain_forwards(model, calibration, batch, device):
 
 def main(argv=None) -> dict:
     from owl_sparse.models import load_model
-    from owl_sparse.prune import PruneConfig, prune
+    from owl_sparse.pruning import PruneConfig, prune
 
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

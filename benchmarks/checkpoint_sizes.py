@@ -13,10 +13,10 @@ the model is never built whole.  Instead:
    exact tensors each packed layer stores;
 3. since every block has the same shapes and row-wise pruning keeps the same count in
    every row, every block packs to tensors of the same shapes: the checkpoint's header and
-   data sizes are then computed *exactly* by counting (`owl_sparse.safetensors_io.file_size`,
+   data sizes are then computed *exactly* by counting (`owl_sparse.io.safetensors.file_size`,
    the function that gives the size `save_pretrained` writes);
 4. the counting is checked against real files: a small LLaMA model is pruned, packed and
-   saved with `owl_sparse.checkpoint.save_pretrained`, and the counted size must equal the
+   saved with `owl_sparse.io.save_pretrained`, and the counted size must equal the
    written file's size to the byte.
 
 The dense baseline is the same model's fp16 tensors in one safetensors file (header and
@@ -41,13 +41,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import LLAMA2_7B_SHAPE, random_llama  # noqa: E402
-from owl_sparse import model_io  # noqa: E402
-from owl_sparse.checkpoint import WEIGHTS, save_pretrained  # noqa: E402
 from owl_sparse.formats import FORMATS  # noqa: E402
+from owl_sparse.io import skeleton  # noqa: E402
+from owl_sparse.io.packed import WEIGHTS, save_pretrained  # noqa: E402
+from owl_sparse.io.safetensors import file_size, write_safetensors  # noqa: E402
 from owl_sparse.models import find_decoder_blocks, find_linears  # noqa: E402
 from owl_sparse.nn import sparsify_  # noqa: E402
-from owl_sparse.prune.masks import select_nm, select_unstructured  # noqa: E402
-from owl_sparse.safetensors_io import file_size, write_safetensors  # noqa: E402
+from owl_sparse.pruning.masks import select_nm, select_unstructured  # noqa: E402
 
 LLAMA2_7B = dict(LLAMA2_7B_SHAPE, tie_word_embeddings=False, rms_norm_eps=1e-5)
 SMALL = dict(
@@ -71,7 +71,7 @@ def mask_for(weight: torch.Tensor, fmt: str, sparsity: float) -> torch.Tensor:
 def block_layout(config, fmt: str, sparsity: float, seed: int = 0) -> dict[str, dict]:
     """Packed tensors (name suffix -> (dtype, shape)) and nbytes of each linear of block 0,
     from real random fp16 weights pruned and packed by the library."""
-    meta = model_io.meta_model(config, torch.float16)
+    meta = skeleton.meta_model(config, torch.float16)
     structure = find_decoder_blocks(meta)
     gen = torch.Generator().manual_seed(seed)
     out = {}
@@ -95,7 +95,7 @@ def checkpoint_entries(config, layout: dict[str, dict] | None) -> tuple[list, di
     ``layout`` None: the dense fp16 checkpoint.  Otherwise every decoder-block linear is
     stored packed as in ``layout`` (keyed by its name inside the block).
     """
-    meta = model_io.meta_model(config, torch.float16)
+    meta = skeleton.meta_model(config, torch.float16)
     structure = find_decoder_blocks(meta)
     packed_names = {}
     for i, block in enumerate(structure.blocks):
@@ -108,7 +108,7 @@ def checkpoint_entries(config, layout: dict[str, dict] | None) -> tuple[list, di
             for key, (dtype, shape) in layout[name]["tensors"].items():
                 entries.append((f"{full}.{key}", dtype, shape))
             linear_bytes += layout[name]["nbytes"]
-    for name, t in model_io.expected_tensors(meta).items():
+    for name, t in skeleton.expected_tensors(meta).items():
         layer = name.rpartition(".")[0]
         if id(t) in seen or (
             layout is not None and layer in packed_names and name.endswith(".weight")

@@ -216,8 +216,10 @@ def bitmap_bytes_per_weight(sparsity: float, elem: int = 2) -> float:
 # ------------------------------------------------------------------ environment
 def git_commit() -> str:
     """HEAD commit (``+dirty`` when the tree has changes), $OWL_SPARSE_COMMIT, or unknown."""
-    if os.environ.get("OWL_SPARSE_COMMIT"):
-        return os.environ["OWL_SPARSE_COMMIT"]
+    from owl_sparse import settings
+
+    if settings.get().commit:
+        return settings.get().commit
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
@@ -272,7 +274,7 @@ def environment(device) -> dict:
     except ImportError:
         env["triton"] = None
     if device.type == "cuda":
-        from owl_sparse import cuda_ext
+        from owl_sparse.ops import cuda as cuda_ext
 
         cuda_ext.load()
         env["cuda_ext"] = cuda_ext.status()

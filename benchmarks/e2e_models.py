@@ -40,7 +40,7 @@ TARGET, OWL_LAMBDA = 0.7, 0.08
 
 def ramp_profile(blocks: int, target: float = TARGET, lam: float = OWL_LAMBDA) -> list[float]:
     """OWL per-block sparsities for outlier ratios falling linearly with depth."""
-    from owl_sparse.prune.allocate import owl_sparsities
+    from owl_sparse.pruning.allocate import owl_sparsities
 
     return owl_sparsities(np.linspace(1.0, 0.0, blocks).tolist(), target, lam)
 
@@ -100,7 +100,7 @@ def build(model_name: str, variant: str, device, dtype, args) -> tuple:
 
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     if variant != "dense":
-        from owl_sparse.prune import PruneConfig, prune
+        from owl_sparse.pruning import PruneConfig, prune
 
         cfg = (
             PruneConfig(method="wanda", allocation="owl", sparsity=TARGET, owl_lambda=OWL_LAMBDA)
@@ -117,10 +117,10 @@ def build(model_name: str, variant: str, device, dtype, args) -> tuple:
 
 
 def _calibration(tokenizer, args) -> torch.Tensor:
+    from owl_sparse import settings
     from owl_sparse.data import calibration_batches, load_text, tokenize
-    from owl_sparse.models import data_dir
 
-    shared = data_dir()
+    shared = settings.get().data_dir
     has_wiki = shared and (shared / "wikitext-2-raw" / "wiki.test.raw").is_file()
     text = load_text("wikitext2" if has_wiki else "pydoc")
     ids = tokenize(tokenizer, text[:2_000_000])

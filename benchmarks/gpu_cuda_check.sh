@@ -56,7 +56,7 @@ if [ "$BUILD" = 1 ]; then
   step build "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi
 step load "$PY" -c "
-import owl_sparse.cuda_ext as c
+import owl_sparse.ops.cuda as c
 ok = c.load(); print(c.status()); assert ok
 print('plan decode 4096x4096, 1 token:', c.plan('sparse24', 1, 4096, 4096))
 print('plan bitmap 4096x4096, 512 tokens:', c.plan('bitmap', 512, 4096, 4096))"

@@ -2,7 +2,7 @@
 # The GPU suite: build the CUDA extension, run the GPU tests and every benchmark on one GPU
 # in under 9 minutes, and write benchmarks/results/<gpu>-<date>.{json,md} plus PNG plots
 # (device name, commit and date inside), and the measured dispatch table
-# owl_sparse/dispatch_tables/<gpu>.json.
+# owl_sparse/ops/tables/<gpu>.json.
 #
 # Before, on the development machine:  bash benchmarks/prepare_gpu_data.sh   (fills gpu_data/)
 # On the GPU machine, from the repository root, in ONE command (carry gpu_data/):

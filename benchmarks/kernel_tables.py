@@ -10,7 +10,7 @@ MARGIN = 0.97  # a kernel enters the dispatch table only when it takes <= 97% of
 def dispatch_entries(rows: list[dict]) -> list[dict]:
     """Best backend per (fmt, dtype, N, K, tokens, sparsity): a kernel only when it beats
     cuBLAS by `MARGIN`, else "dense"."""
-    from owl_sparse import dispatch
+    from owl_sparse.ops import dispatch
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:

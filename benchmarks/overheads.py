@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import markdown_table, rotation_count, time_calls, write_json
-from owl_sparse import cuda_ext
 from owl_sparse.formats.sparse24 import Sparse24Weight
+from owl_sparse.ops import cuda as cuda_ext
 
 SHAPES = ((1024, 8192), (4096, 4096), (11008, 4096), (4096, 11008))
 TOKENS = (1, 16)

@@ -17,9 +17,9 @@ import argparse
 
 import torch
 
-from owl_sparse import cuda_ext
 from owl_sparse.formats.bitmap import BitmapWeight
 from owl_sparse.formats.sparse24 import Sparse24Weight
+from owl_sparse.ops import cuda as cuda_ext
 
 
 def main(argv=None) -> None:

@@ -56,21 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
+    from owl_sparse import settings
     from owl_sparse.data import calibration_batches, eval_windows, load_text, tokenize
     from owl_sparse.evaluate import perplexity
-    from owl_sparse.models import (
-        cache_dir,
-        conv1d_to_linear_,
-        data_dir,
-        find_decoder_blocks,
-        load_model,
-    )
-    from owl_sparse.prune import DenseProfile, PruneConfig, capture_block_inputs, dense_profile
-    from owl_sparse.prune import prune as prune_model
+    from owl_sparse.models import conv1d_to_linear_, find_decoder_blocks, load_model
+    from owl_sparse.pruning import DenseProfile, PruneConfig, capture_block_inputs, dense_profile
+    from owl_sparse.pruning import prune as prune_model
 
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    root = data_dir()
+    root = settings.get().data_dir
     if root is None:
         raise SystemExit("the shared data directory is needed (set OWL_SPARSE_DATA)")
     calib_path = root / "wikitext-2-tokenized" / "valid.txt"
@@ -108,7 +103,7 @@ def main(argv=None) -> dict:
     digest = hashlib.sha256(f"{args.model}:{tuple(calibration.shape)}".encode())
     digest.update(calibration.numpy().tobytes())
     key = digest.hexdigest()[:16]
-    profile_path = cache_dir() / "quality" / f"dense-profile-v2-{key}.pt"
+    profile_path = settings.get().cache_dir / "quality" / f"dense-profile-v2-{key}.pt"
     profile = None
 
     for name in todo:

@@ -20,9 +20,9 @@ from functools import partial
 
 import torch
 
-from owl_sparse import cuda_ext
 from owl_sparse.formats.bitmap import BitmapWeight
 from owl_sparse.formats.sparse24 import Sparse24Weight
+from owl_sparse.ops import cuda as cuda_ext
 
 # (N, K, tokens, split_k): 0 = automatic split
 CASES = [

@@ -15,9 +15,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from owl_sparse import dispatch, ops
+from owl_sparse import ops
 from owl_sparse.formats.bitmap import BitmapWeight
 from owl_sparse.formats.sparse24 import Sparse24Weight
+from owl_sparse.ops import dispatch
 
 TOKENS = (1, 8, 16, 40, 64, 100, 128, 300)
 N, K = 520, 1000  # a partial row block, K % 128 != 0

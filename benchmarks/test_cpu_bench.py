@@ -8,16 +8,15 @@ weight size, default 2048).  Each benchmark also checks its result, so
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from owl_sparse import settings
 from owl_sparse.formats import BitmapWeight, Sparse24Weight
-from owl_sparse.kv_cache import prefill_inputs
-from owl_sparse.prune.masks import select_nm, select_unstructured
+from owl_sparse.pruning.masks import select_nm, select_unstructured
+from owl_sparse.serve.kv_cache import prefill_inputs
 
-SIZE = int(os.environ.get("OWL_SPARSE_BENCH_SIZE", "2048"))
+SIZE = settings.get().bench_size
 
 
 @pytest.fixture(scope="module")

@@ -121,9 +121,9 @@ def compile_check(arch: int = 90, full: bool = False) -> list[str]:
     raises RuntimeError naming the first variant that fails or needs too much shared memory.
     Must run without ``TRITON_INTERPRET=1`` (the kernels are then interpreter objects).
     """
-    import os
+    from owl_sparse import settings
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if settings.get().triton_interpret:
         raise RuntimeError(
             "compile_check needs TRITON_INTERPRET unset (run it in a separate process)"
         )

@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
+
+from owl_sparse import settings
 
 log = logging.getLogger("owl_sparse.kernels")
 
@@ -27,7 +28,7 @@ INTERPRETER_SM_COUNT = 4
 
 def interpreting() -> bool:
     """True when Triton kernels run in the interpreter (CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return settings.get().triton_interpret
 
 
 @functools.lru_cache(maxsize=16)
@@ -147,10 +148,7 @@ class Tuner:
         candidates = make_candidates()
         if len(candidates) == 1 or interpreting():
             return candidates[0]
-        if (
-            os.environ.get("OWL_SPARSE_AUTOTUNE", "1") == "0"
-            or torch.cuda.is_current_stream_capturing()
-        ):
+        if not settings.get().autotune or torch.cuda.is_current_stream_capturing():
             return candidates[0]
         timings = []
         for cfg in candidates:

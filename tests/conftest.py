@@ -31,6 +31,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_settings():
+    """Each test reads the environment anew (owl_sparse.settings caches what it read)."""
+    from owl_sparse import settings
+
+    settings.reload()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared data directory; skips the test when it is absent."""

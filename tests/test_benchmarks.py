@@ -17,7 +17,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import bench_e2e, bench_kernels, common, e2e_models, suite_report  # noqa: E402
-from owl_sparse import dispatch  # noqa: E402
+from owl_sparse import settings  # noqa: E402
+from owl_sparse.ops import dispatch  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -98,6 +99,7 @@ def test_kernel_bench_table_loads_into_dispatch(kernel_doc, monkeypatch):
     table = json.loads((out / "table.json").read_text())
     assert table["gpu"] == doc["env"]["device"] and table["entries"] == doc["dispatch"]
     monkeypatch.setenv("OWL_SPARSE_DISPATCH_TABLES", str(out / "table.json"))
+    settings.reload()
     dispatch.reload_tables()
     try:
         loaded = dispatch._table()
@@ -191,7 +193,7 @@ def test_suite_report_writes_json_markdown_and_plots(kernel_doc, e2e_doc, tmp_pa
 
 
 def test_cli_bench_dispatches_to_the_benchmarks(capsys):
-    from owl_sparse.cli import main
+    from owl_sparse.cli.main import main
 
     code = main(
         [

@@ -12,19 +12,14 @@ import pytest
 import torch
 from conftest import FAMILIES, REPO, tiny_model
 
-from owl_sparse import checkpoint, model_io
-from owl_sparse.checkpoint import (
-    RECORD,
-    WEIGHTS,
-    calibration_hash,
-    load_pretrained,
-    save_pretrained,
-)
 from owl_sparse.errors import InputError
+from owl_sparse.io import RECORD, WEIGHTS, atomic, load_pretrained, save_pretrained
+from owl_sparse.io import packed as checkpoint
+from owl_sparse.io.record import calibration_hash
+from owl_sparse.io.safetensors import read_header
 from owl_sparse.models import load_model
 from owl_sparse.nn import SparseLinear, sparsify_
-from owl_sparse.prune import PruneConfig, prune
-from owl_sparse.safetensors_io import read_header
+from owl_sparse.pruning import PruneConfig, prune
 
 CALIBRATION = {"text": "random tokens", "samples": 4, "seqlen": 32, "seed": 0}
 
@@ -110,7 +105,7 @@ def test_stories260k_round_trip_with_tokenizer_and_cli(tmp_path, shared_data, fm
 
 
 def test_cli_prune_out_then_eval_and_generate(tmp_path, shared_data, capsys):
-    from owl_sparse.cli import main
+    from owl_sparse.cli.main import main
 
     model_file = str(shared_data / "stories260K" / "stories260K.bin")
     text = tmp_path / "t.txt"
@@ -205,7 +200,7 @@ def test_failed_save_leaves_old_checkpoint_and_no_debris(tmp_path, monkeypatch):
 def test_crash_mid_save_leaves_nothing_that_loads(tmp_path, monkeypatch):
     """A hard crash (no cleanup runs) after the weights were written, before the record."""
     model, _ = pruned_model("llama", "bitmap")
-    monkeypatch.setattr(model_io.shutil, "rmtree", lambda *a, **k: None)  # cleanup never runs
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *a, **k: None)  # cleanup never runs
     monkeypatch.setattr(
         checkpoint.json, "dump", lambda *a, **k: (_ for _ in ()).throw(SystemExit(9))
     )
@@ -225,8 +220,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from transformers import LlamaForCausalLM  # imports are not part of the load's memory
-    from owl_sparse.prune.report import PeakMemory
-    from owl_sparse.checkpoint import load_pretrained
+    from owl_sparse.pruning.report import PeakMemory
+    from owl_sparse.io import load_pretrained
     import owl_sparse.nn
     with PeakMemory(torch.device("cpu"), interval=0.002) as mem:
         model, _ = load_pretrained(sys.argv[1])
@@ -289,7 +284,7 @@ def _masked_dense(family: str, fmt: str):
 
 @pytest.mark.parametrize("fmt", ["bitmap", "2:4"])
 def test_compressed_tensors_export_import_round_trip(tmp_path, fmt):
-    from owl_sparse.interchange import export_compressed_tensors
+    from owl_sparse.io.compressed_tensors import export_compressed_tensors
 
     model, report = pruned_model("qwen2", fmt)
     before = logits(model, 128)
@@ -351,7 +346,7 @@ def test_against_the_compressed_tensors_package(tmp_path, fmt):
     from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
     from safetensors.torch import save_file
 
-    from owl_sparse.interchange import export_compressed_tensors
+    from owl_sparse.io.compressed_tensors import export_compressed_tensors
 
     model, masks = _masked_dense("llama", fmt)
     ref = logits(model, 128)

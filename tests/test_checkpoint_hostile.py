@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from owl_sparse.checkpoint import RECORD, WEIGHTS, load_pretrained, save_pretrained
 from owl_sparse.errors import InputError
-from owl_sparse.interchange import export_compressed_tensors
+from owl_sparse.io import RECORD, WEIGHTS, load_pretrained, save_pretrained
+from owl_sparse.io.compressed_tensors import export_compressed_tensors
+from owl_sparse.io.safetensors import read_header, write_safetensors
 from owl_sparse.nn import sparsify_
-from owl_sparse.safetensors_io import read_header, write_safetensors
 
 Q0 = "model.layers.0.self_attn.q_proj"  # a bitmap layer of the base checkpoint
 U1 = "model.layers.1.mlp.up_proj"  # a 2:4 layer

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import tiny_model
 
-from owl_sparse.cli import main
+from owl_sparse.cli.main import main
 
 
 @pytest.fixture(scope="module")

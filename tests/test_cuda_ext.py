@@ -1,4 +1,4 @@
-"""owl_sparse.cuda_ext without a GPU: import, registration, unavailability, layout cache."""
+"""owl_sparse.ops.cuda without a GPU: import, registration, unavailability, layout cache."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import logging
 import pytest
 import torch
 
-from owl_sparse import cuda_ext, dispatch
 from owl_sparse.errors import InputError
 from owl_sparse.formats.bitmap import BitmapWeight
 from owl_sparse.formats.mma_layout import sparse24_to_mma
 from owl_sparse.formats.sparse24 import Sparse24Weight
+from owl_sparse.ops import cuda as cuda_ext
+from owl_sparse.ops import dispatch
 
 
 def test_backends_are_registered():
@@ -25,7 +26,7 @@ def test_unavailable_without_cuda_is_reported_once(caplog, monkeypatch):
     monkeypatch.setattr(
         cuda_ext, "_state", {"tried": False, "ok": False, "how": None, "error": None}
     )
-    with caplog.at_level(logging.INFO, logger="owl_sparse.cuda_ext"):
+    with caplog.at_level(logging.INFO, logger="owl_sparse.ops.cuda"):
         assert cuda_ext.available() is False
         assert cuda_ext.available() is False
     assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1

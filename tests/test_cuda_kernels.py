@@ -28,7 +28,7 @@ REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
 @pytest.fixture(scope="module")
 def ext():
-    from owl_sparse import cuda_ext
+    from owl_sparse.ops import cuda as cuda_ext
 
     assert cuda_ext.load(), f"CUDA extension failed to load: {cuda_ext.status()}"
     return cuda_ext
@@ -161,7 +161,8 @@ def test_bitmap_gemv_paths(ext, dtype, splits, hint, pattern):
         ext.bitmap_gemv(x9, p)
     with pytest.raises(RuntimeError, match="handles 1 to 8 tokens"):
         torch.ops.owl_sparse_C.bitmap_gemv(x9, p.bitmap, p.values, p.tile_offsets, n, k)
-    from owl_sparse import dispatch, ops
+    from owl_sparse import ops
+    from owl_sparse.ops import dispatch
 
     with dispatch.force_backend("bitmap", "cuda_gemv"):
         check(ops.linear(x9, p, bias), x9, p.to_dense(), bias)
@@ -288,7 +289,8 @@ def test_unaligned_and_strided_inputs(ext):
 
 
 def test_dispatch_runs_the_cuda_backends(ext):
-    from owl_sparse import dispatch, ops
+    from owl_sparse import ops
+    from owl_sparse.ops import dispatch
 
     assert "cuda_sp" in dispatch.backends("2:4", only_available=True)
     assert "cuda_mma" in dispatch.backends("bitmap", only_available=True)

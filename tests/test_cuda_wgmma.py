@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def ext():
-    from owl_sparse import cuda_ext
+    from owl_sparse.ops import cuda as cuda_ext
 
     assert cuda_ext.load(), f"CUDA extension failed to load: {cuda_ext.status()}"
     return cuda_ext

@@ -14,13 +14,13 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from owl_sparse import model_io
-from owl_sparse.checkpoint import RECORD, WEIGHTS, load_pretrained, save_pretrained
-from owl_sparse.cli import main
+from owl_sparse import settings
+from owl_sparse.cli.main import main
 from owl_sparse.errors import InputError
+from owl_sparse.io import RECORD, WEIGHTS, atomic, load_pretrained, save_pretrained, skeleton
 from owl_sparse.models import load_model, model_info
 from owl_sparse.nn import SparseLinear, sparsify_
-from owl_sparse.prune import PruneConfig, prune
+from owl_sparse.pruning import PruneConfig, prune
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
@@ -103,11 +103,11 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad argument was reported")
 
-    import owl_sparse.demo
-    import owl_sparse.models
+    import owl_sparse.cli.demo
+    import owl_sparse.models.load
 
-    monkeypatch.setattr(owl_sparse.models, "load_model", refuse)
-    monkeypatch.setattr(owl_sparse.demo, "load_model", refuse)
+    monkeypatch.setattr(owl_sparse.models.load, "load_model", refuse)
+    monkeypatch.setattr(owl_sparse.cli.demo, "load_model", refuse)
 
 
 def _prune_argv(model: Path, text: Path, *extra: str) -> list[str]:
@@ -160,12 +160,12 @@ def test_cli_dense_save_refuses_a_foreign_directory_before_pruning(
     src = tmp_path / "src"
     shutil.copytree(hf_dir, src)
     before = digest(src)
-    import owl_sparse.prune
+    import owl_sparse.pruning
 
     def no_prune(*a, **k):
         raise AssertionError("pruned before --out was checked")
 
-    monkeypatch.setattr(owl_sparse.prune, "prune", no_prune)
+    monkeypatch.setattr(owl_sparse.pruning, "prune", no_prune)
     argv = _prune_argv(src, text_file, "--out", str(src), "--format", "dense")
     assert main(argv) == 2
     one_line_error(capsys, str(src), "exists")
@@ -186,7 +186,7 @@ def test_failed_final_rename_restores_the_previous_checkpoint(ck, monkeypatch):
             raise OSError(5, "I/O error (simulated)")
         return real(src, dst)
 
-    monkeypatch.setattr(model_io.os, "replace", flaky)
+    monkeypatch.setattr(atomic.os, "replace", flaky)
     with pytest.raises(OSError, match="simulated"):
         save_pretrained(_packed_model(), ck)
     assert digest(ck) == before
@@ -202,7 +202,7 @@ def test_failed_first_rename_leaves_no_empty_old_directory(ck, monkeypatch):
             raise PermissionError(13, "Permission denied (simulated)")
         return real(src, dst)
 
-    monkeypatch.setattr(model_io.os, "replace", flaky)
+    monkeypatch.setattr(atomic.os, "replace", flaky)
     with pytest.raises(PermissionError):
         save_pretrained(_packed_model(), ck)
     assert digest(ck) == before
@@ -259,12 +259,12 @@ def test_save_refuses_what_load_refuses_as_corrupt(tmp_path, dtype):
 
 
 def test_check_values_bound_and_finiteness():
-    model_io.check_values("w", torch.tensor([1.0, -65504.0]), "here")
+    skeleton.check_values("w", torch.tensor([1.0, -65504.0]), "here")
     for t in (torch.tensor([1.0, -70000.0]), torch.tensor([70000.0]).bfloat16()):
         with pytest.raises(InputError, match=r"magnitude 7(\.\d+)?e\+04"):
-            model_io.check_values("w", t, "here")
+            skeleton.check_values("w", t, "here")
     with pytest.raises(InputError, match="NaN or Inf"):
-        model_io.check_values("w", torch.tensor([float("inf")]), "here")
+        skeleton.check_values("w", torch.tensor([float("inf")]), "here")
 
 
 def test_save_refuses_a_layer_in_another_dtype(tmp_path):
@@ -292,7 +292,7 @@ def test_save_over_checkpoint_with_extra_files_is_refused(ck):
 
 
 def test_export_over_compressed_tensors_dir_with_extra_files_is_refused(tmp_path):
-    from owl_sparse.interchange import export_compressed_tensors
+    from owl_sparse.io.compressed_tensors import export_compressed_tensors
 
     model = _packed_model()
     out = tmp_path / "ct"
@@ -372,6 +372,7 @@ def test_load_model_bad_config_value(hf_dir, tmp_path):
 
 def test_load_model_corrupt_gguf(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OWL_SPARSE_CACHE", str(tmp_path / "cache"))
+    settings.reload()
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(60))
     with pytest.raises(InputError, match=r"bad\.gguf"):
@@ -421,12 +422,12 @@ def test_cli_cuda_device_without_cuda(hf_dir, text_file, capsys):
 
 
 def test_cli_os_errors_are_one_line(monkeypatch, capsys):
-    import owl_sparse.models
+    import owl_sparse.models.load
 
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied", "/some/model")
 
-    monkeypatch.setattr(owl_sparse.models, "load_model", denied)
+    monkeypatch.setattr(owl_sparse.models.load, "load_model", denied)
     assert main(["info", "--model", "/some/model"]) == 2
     one_line_error(capsys, "Permission denied", "/some/model")
 
@@ -534,7 +535,7 @@ def test_model_info_lists_packed_layers(ck, hf_dir, capsys):
 
 
 def test_compressed_tensors_pickle_message_ignores_llama2c_tokenizer(tmp_path):
-    from owl_sparse.interchange import export_compressed_tensors
+    from owl_sparse.io.compressed_tensors import export_compressed_tensors
 
     out = tmp_path / "ct"
     export_compressed_tensors(_packed_model(), out)
@@ -556,7 +557,7 @@ def test_compressed_tensors_pickle_message_ignores_llama2c_tokenizer(tmp_path):
     ],
 )
 def test_llama2c_tokenizer_marker_fields(tmp_path, shared_data, edit, fragment):
-    from owl_sparse.llama2c import Llama2cTokenizer
+    from owl_sparse.models.llama2c import Llama2cTokenizer
 
     tok = Llama2cTokenizer(shared_data / "stories260K" / "tok512.bin", vocab_size=512)
     tok.save_pretrained(tmp_path)

@@ -9,11 +9,13 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from owl_sparse import cuda_ext, dispatch, ops
+from owl_sparse import ops
 from owl_sparse.errors import InputError
 from owl_sparse.formats import BitmapWeight, Sparse24Weight, pack
 from owl_sparse.formats.mma_layout import sparse24_to_mma
 from owl_sparse.nn import SparseLinear, sparsify_
+from owl_sparse.ops import cuda as cuda_ext
+from owl_sparse.ops import dense as dense_cache
 from owl_sparse.serve import generate_ids, sample_next
 
 
@@ -64,21 +66,21 @@ def test_dense_weight_of_inference_tensors_is_never_stale():
     w = torch.randn(20, 40)
     with torch.inference_mode():
         p = BitmapWeight.from_dense(w, torch.rand(20, 40) > 0.5)
-        first = dispatch.dense_weight(p)
+        first = dense_cache.dense_weight(p)
         p.values.mul_(3)
-        torch.testing.assert_close(dispatch.dense_weight(p), 3 * first)
+        torch.testing.assert_close(dense_cache.dense_weight(p), 3 * first)
         q = Sparse24Weight.from_dense(torch.randn(8, 16), torch.arange(16).repeat(8, 1) % 4 < 2)
-        before = dispatch.dense_weight(q)
+        before = dense_cache.dense_weight(q)
         q.values.neg_()
-        torch.testing.assert_close(dispatch.dense_weight(q), -before)
+        torch.testing.assert_close(dense_cache.dense_weight(q), -before)
 
 
 def test_normal_tensors_changed_inside_inference_mode_are_seen():
     p = BitmapWeight.from_dense(torch.randn(20, 40))
-    first = dispatch.dense_weight(p)
+    first = dense_cache.dense_weight(p)
     with torch.inference_mode():
         p.values.mul_(2)  # a normal tensor's version counter still moves here
-        torch.testing.assert_close(dispatch.dense_weight(p), 2 * first)
+        torch.testing.assert_close(dense_cache.dense_weight(p), 2 * first)
 
 
 def test_dense_cache_key_includes_the_weight_shape():
@@ -86,9 +88,9 @@ def test_dense_cache_key_includes_the_weight_shape():
     w = torch.randn(40, 64)
     w[39] = 0  # row 39 empty, so the buffers are also a valid [39, 64] weight
     p = BitmapWeight.from_dense(w)
-    assert dispatch.dense_weight(p).shape == (40, 64)
+    assert dense_cache.dense_weight(p).shape == (40, 64)
     q = BitmapWeight(p.bitmap, p.values, p.tile_offsets, 39, 64)
-    assert dispatch.dense_weight(q).shape == (39, 64)
+    assert dense_cache.dense_weight(q).shape == (39, 64)
 
 
 def test_mma_layout_of_inference_tensors_follows_changes():
@@ -104,7 +106,7 @@ def test_mma_layout_of_inference_tensors_follows_changes():
 
 
 def test_derived_cache_serves_warm_entries_to_capture_but_never_inference_tensors():
-    from owl_sparse.derived_cache import DerivedCache
+    from owl_sparse.ops.cache import DerivedCache
 
     cache = DerivedCache("test")
     calls = []

@@ -17,8 +17,8 @@ from owl_sparse.data import check_token_ids, sample_from_model
 from owl_sparse.errors import InputError
 from owl_sparse.evaluate import perplexity
 from owl_sparse.models import find_decoder_blocks, find_linears
-from owl_sparse.prune import PruneConfig, dense_profile, prune
-from owl_sparse.prune.allocate import owl_sparsities
+from owl_sparse.pruning import PruneConfig, dense_profile, prune
+from owl_sparse.pruning.allocate import owl_sparsities
 
 
 def _calibration(n=4, seqlen=16, seed=0):

@@ -15,10 +15,10 @@ import pytest
 import torch
 import triton
 
-from owl_sparse import dispatch
 from owl_sparse.errors import InputError
 from owl_sparse.formats import BitmapWeight, Sparse24Weight
 from owl_sparse.kernels import bitmap_gemv, bitmap_mm, sparse24_gemv
+from owl_sparse.ops import dispatch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from owl_sparse.llama2c import Llama2cTokenizer, load_llama2c
+from owl_sparse.models.llama2c import Llama2cTokenizer, load_llama2c
 
 DATA = Path(os.environ.get("OWL_SPARSE_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
 CKPT = DATA / "stories260K" / "stories260K.bin"

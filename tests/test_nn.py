@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from owl_sparse import dispatch
 from owl_sparse.errors import InputError
 from owl_sparse.nn import SparseLinear, SparsifyReport, sparsify_
+from owl_sparse.ops import dispatch
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 

@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from owl_sparse import dispatch, ops
+from owl_sparse import ops, settings
 from owl_sparse.errors import InputError
 from owl_sparse.formats import BitmapWeight, Sparse24Weight
+from owl_sparse.ops import dense as dense_cache
+from owl_sparse.ops import dispatch
 
 
 def bitmap_weight(n=20, k=136, sparsity=0.6, dtype=torch.float32, seed=0):
@@ -169,8 +171,10 @@ def test_force_backend_and_env(monkeypatch):
         with dispatch.force_backend("bitmap", "nope"):
             pass
     monkeypatch.setenv("OWL_SPARSE_BACKEND", "bitmap=dense,2:4=dense")
+    settings.reload()
     assert dispatch.choose_backend("bitmap", x, p) == "dense"
     monkeypatch.setenv("OWL_SPARSE_BACKEND", "bitmap")
+    settings.reload()
     with pytest.raises(InputError, match="OWL_SPARSE_BACKEND"):
         dispatch.choose_backend("bitmap", x, p)
 
@@ -182,9 +186,11 @@ def test_disabled_backends_are_unavailable(monkeypatch, caplog):
     try:
         assert "test_off" in dispatch.backends("bitmap", only_available=True)
         monkeypatch.setenv("OWL_SPARSE_DISABLE", " test_off , dense")
+        settings.reload()
         assert dispatch.disabled_backends() == {"test_off"}  # dense cannot be switched off
         monkeypatch.setenv("OWL_SPARSE_DISABLE", "test_off,cuda_typo")
-        with caplog.at_level(logging.WARNING, logger="owl_sparse.dispatch"):
+        settings.reload()
+        with caplog.at_level(logging.WARNING, logger="owl_sparse.ops.dispatch"):
             assert dispatch.disabled_backends() == {"test_off", "cuda_typo"}
         assert "cuda_typo" in caplog.text
         assert "test_off" not in dispatch.backends("bitmap", only_available=True)
@@ -240,6 +246,7 @@ def test_table_lookup(tmp_path, monkeypatch):
     ]
     dispatch.save_table(tmp_path / "h100.json", "FakeGPU", entries)
     monkeypatch.setenv("OWL_SPARSE_DISPATCH_TABLES", str(tmp_path))
+    settings.reload()
     dispatch.reload_tables()
     try:
         look = dispatch.table_lookup
@@ -268,27 +275,28 @@ def test_table_lookup(tmp_path, monkeypatch):
 
 
 def test_dense_cache_reuses_invalidates_and_frees():
-    dispatch.clear_dense_cache()
+    dense_cache.clear_dense_cache()
     dense, p = bitmap_weight()
-    a = dispatch.dense_weight(p)
+    a = dense_cache.dense_weight(p)
     assert torch.equal(a, dense)
-    assert dispatch.dense_weight(BitmapWeight(p.bitmap, p.values, p.tile_offsets, p.N, p.K)) is a
+    assert dense_cache.dense_weight(BitmapWeight(p.bitmap, p.values, p.tile_offsets, p.N, p.K)) is a
     with torch.no_grad():
         p.values.mul_(2)  # in-place change bumps the version: recomputed
-    b = dispatch.dense_weight(p)
+    b = dense_cache.dense_weight(p)
     assert b is not a and torch.equal(b, dense * 2)
-    before = dispatch.dense_cache_bytes()
+    before = dense_cache.dense_cache_bytes()
     assert before > 0
     del p, a, b
     gc.collect()
-    assert dispatch.dense_cache_bytes() < before
-    dispatch.clear_dense_cache()
-    assert dispatch.dense_cache_bytes() == 0
+    assert dense_cache.dense_cache_bytes() < before
+    dense_cache.clear_dense_cache()
+    assert dense_cache.dense_cache_bytes() == 0
 
 
 def test_dense_cache_limit(monkeypatch):
-    dispatch.clear_dense_cache()
+    dense_cache.clear_dense_cache()
     monkeypatch.setenv("OWL_SPARSE_DENSE_CACHE_MB", "0")
+    settings.reload()
     dense, p = bitmap_weight()
-    assert torch.equal(dispatch.dense_weight(p), dense)
-    assert dispatch.dense_cache_bytes() == 0
+    assert torch.equal(dense_cache.dense_weight(p), dense)
+    assert dense_cache.dense_cache_bytes() == 0

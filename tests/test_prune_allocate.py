@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from owl_sparse.errors import InputError
-from owl_sparse.prune.allocate import (
+from owl_sparse.pruning.allocate import (
     ErrorCurve,
     block_curve,
     layer_error,

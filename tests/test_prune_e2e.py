@@ -11,15 +11,15 @@ from torch import nn
 
 from owl_sparse.errors import InputError
 from owl_sparse.models import find_decoder_blocks, find_linears
-from owl_sparse.prune import (
+from owl_sparse.pruning import (
     PruneConfig,
     PruneError,
     capture_block_inputs,
     dense_profile,
     prune,
 )
-from owl_sparse.prune.calibrate import forward_block
-from owl_sparse.prune.masks import pruned_per_row
+from owl_sparse.pruning.calibrate import forward_block
+from owl_sparse.pruning.masks import pruned_per_row
 
 
 def _calibration(n=6, seqlen=24, seed=0):
@@ -224,7 +224,7 @@ def _tiny_checkpoint(tmp_path):
 
 
 def test_cli_prune_writes_a_checkpoint(tmp_path, capsys):
-    from owl_sparse.cli import main
+    from owl_sparse.cli.main import main
     from owl_sparse.models import load_model
 
     model_dir, text = _tiny_checkpoint(tmp_path)
@@ -277,7 +277,7 @@ def test_cli_prune_writes_a_checkpoint(tmp_path, capsys):
     ],
 )
 def test_cli_prune_bad_input(tmp_path, capsys, extra, message):
-    from owl_sparse.cli import main
+    from owl_sparse.cli.main import main
 
     model_dir, text = _tiny_checkpoint(tmp_path)
     argv = ["prune", "--model", str(model_dir), "--calib-text", str(text), "--quiet", *extra]
@@ -286,7 +286,7 @@ def test_cli_prune_bad_input(tmp_path, capsys, extra, message):
 
 
 def test_cli_prune_calibrates_on_text_sampled_from_the_model(tmp_path, capsys):
-    from owl_sparse.cli import main
+    from owl_sparse.cli.main import main
 
     model_dir, _ = _tiny_checkpoint(tmp_path)
     argv = [

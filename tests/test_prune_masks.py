@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from owl_sparse.errors import InputError
-from owl_sparse.prune import PruneConfig, Target, parse_pattern
-from owl_sparse.prune.masks import (
+from owl_sparse.pruning import PruneConfig, Target, parse_pattern
+from owl_sparse.pruning.masks import (
     mask_sparsity,
     pruned_per_row,
     select_mask,
     select_nm,
     select_unstructured,
 )
-from owl_sparse.prune.scores import magnitude_scores, wanda_scores
+from owl_sparse.pruning.scores import magnitude_scores, wanda_scores
 
 T, F = True, False
 

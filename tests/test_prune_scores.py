@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from owl_sparse.prune import PruneError, Target
-from owl_sparse.prune.masks import pruned_per_row, select_mask
-from owl_sparse.prune.scores import magnitude_scores, sparsegpt, wanda_scores
+from owl_sparse.pruning import PruneError, Target
+from owl_sparse.pruning.masks import pruned_per_row, select_mask
+from owl_sparse.pruning.scores import magnitude_scores, sparsegpt, wanda_scores
 
 
 def _layer_problem(rows=24, cols=300, tokens=2000, seed=0):
@@ -104,7 +104,7 @@ def test_wanda_scores_shape_check():
 
 @pytest.fixture(scope="module")
 def stories_layer(shared_data):
-    if importlib.util.find_spec("owl_sparse.llama2c") is None:
+    if importlib.util.find_spec("owl_sparse.models.llama2c") is None:
         pytest.skip("owl_sparse.llama2c is not there yet")
     path = shared_data / "stories260K" / "stories260K.bin"
     if not path.is_file():
@@ -154,7 +154,7 @@ def test_sparsegpt_reconstructs_a_real_layer_better_than_wanda(stories_layer, la
 def test_stats_accumulator_by_hand_and_shared_inputs():
     from torch import nn
 
-    from owl_sparse.prune.stats import StatsAccumulator
+    from owl_sparse.pruning.stats import StatsAccumulator
 
     a, b, c = nn.Linear(3, 2), nn.Linear(3, 4), nn.Linear(2, 2)
     x = torch.tensor([[[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]]])  # [1 sample, 2 tokens, 3]

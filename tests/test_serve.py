@@ -8,7 +8,9 @@ from conftest import tiny_model
 from torch.overrides import TorchFunctionMode
 
 from owl_sparse.errors import InputError
-from owl_sparse.kv_cache import (
+from owl_sparse.models import find_decoder_blocks
+from owl_sparse.serve import generate, generate_ids, sample_next
+from owl_sparse.serve.kv_cache import (
     DecodeStep,
     check_memory,
     kv_cache_bytes,
@@ -16,8 +18,6 @@ from owl_sparse.kv_cache import (
     new_static_cache,
     prefill_inputs,
 )
-from owl_sparse.models import find_decoder_blocks
-from owl_sparse.serve import generate, generate_ids, sample_next
 
 PROMPTS = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
 
@@ -304,7 +304,7 @@ def model_dir(tmp_path_factory):
 def test_cli_generate_json_and_batch(model_dir, capsys):
     import json
 
-    from owl_sparse.cli import main
+    from owl_sparse.cli.main import main
 
     argv = [
         "generate",
@@ -326,7 +326,7 @@ def test_cli_generate_json_and_batch(model_dir, capsys):
 
 
 def test_cli_generate_error_is_one_line(model_dir, capsys):
-    from owl_sparse.cli import main
+    from owl_sparse.cli.main import main
 
     assert main(["generate", str(model_dir), "--prompt", "w1", "--max-new-tokens", "300"]) == 2
     err = capsys.readouterr().err.strip()

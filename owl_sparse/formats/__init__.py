@@ -8,7 +8,7 @@
 Both offer ``from_dense(weight, mask=None)``, ``to_dense()``, ``mask()``, ``nbytes``,
 ``sparsity``, ``validate()``, ``state_dict(prefix)`` / ``from_state_dict(state, prefix)``
 and ``to(device, dtype)``.  The exact layouts are in the modules' docstrings; the
-compressed-tensors interchange is in :mod:`owl_sparse.formats.compressed_tensors`.
+compressed-tensors per-weight layouts are in :mod:`owl_sparse.formats.compressed_tensors`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..errors import InputError
 from ._common import check_mask, check_weight
 from .bitmap import VALUES_PAD, BitmapWeight
 from .compressed_tensors import from_compressed_tensors, to_compressed_tensors
-from .sparse24 import Sparse24Weight, is_24_mask
+from .sparse24 import Sparse24Weight, fits_24, is_24_mask
 
 FORMATS = {"bitmap": BitmapWeight, "2:4": Sparse24Weight}
 
@@ -28,6 +28,7 @@ __all__ = [
     "VALUES_PAD",
     "BitmapWeight",
     "Sparse24Weight",
+    "fits_24",
     "from_compressed_tensors",
     "from_state_dict",
     "is_24_mask",

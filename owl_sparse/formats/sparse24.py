@@ -48,6 +48,16 @@ def is_24_mask(mask: Tensor) -> bool:
     return bool((mask.view(mask.shape[0], -1, 4).sum(-1) <= 2).all())
 
 
+def fits_24(nm: tuple[int, int] | None) -> bool:
+    """True when every mask of the N:M pattern ``nm`` keeps at most 2 of each aligned group
+    of 4 (so the 2:4 format can store it): 2:4, 1:4, 1:2, 2:8, ... Unstructured masks
+    (None) are not guaranteed to."""
+    if nm is None:
+        return False
+    n, m = nm
+    return (m % 4 == 0 and n <= 2) or (4 % m == 0 and n * (4 // m) <= 2)
+
+
 def decode_meta(meta: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """uint8 ``[N, ceil(K/8)]`` -> (idx0, idx1), each int64 ``[N, K/4]``."""
     m = meta.to(torch.int64)

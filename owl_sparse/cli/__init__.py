@@ -1,0 +1,2 @@
+"""The ``owl-sparse`` command line (:mod:`.main`, argparse only here) and the demo
+(:mod:`.demo`, driven by a `DemoConfig`)."""

