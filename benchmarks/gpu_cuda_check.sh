@@ -2,8 +2,8 @@
 # CUDA-kernel section of the GPU check, callable on its own or from the GPU suite script.
 #
 #   1. build owl_sparse._C (setup.py; OWL_SPARSE_CUDA_ARCHS, default "80;90") and load it,
-#   2. nvcc compile checks (tests/test_cuda_compile.py),
-#   3. GPU correctness tests (tests/test_cuda_kernels.py, tests/test_mma_layout.py),
+#   2. nvcc compile checks (tests/kernels/test_cuda_compile.py),
+#   3. GPU correctness tests (tests/kernels/test_cuda_kernels.py, tests/kernels/test_mma_layout.py),
 #   4. compute-sanitizer memcheck, racecheck and synccheck on benchmarks/sanitize_cuda.py.
 #
 # Per-step logs go to $CUDA_CHECK_LOGS (default /tmp/owl_cuda_check); when $OUT is set
@@ -61,8 +61,8 @@ ok = c.load(); print(c.status()); assert ok
 print('plan decode 4096x4096, 1 token:', c.plan('sparse24', 1, 4096, 4096))
 print('plan bitmap 4096x4096, 512 tokens:', c.plan('bitmap', 512, 4096, 4096))"
 if [ "$TESTS" = 1 ]; then
-  step compile "$PY" -m pytest -q tests/test_cuda_compile.py
-  step gpu_tests "$PY" -m pytest -q -ra tests/test_cuda_kernels.py tests/test_mma_layout.py tests/test_cuda_ext.py
+  step compile "$PY" -m pytest -q tests/kernels/test_cuda_compile.py
+  step gpu_tests "$PY" -m pytest -q -ra tests/kernels/test_cuda_kernels.py tests/kernels/test_mma_layout.py tests/ops/test_cuda.py
 fi
 
 if [ "$SANITIZE" = 1 ]; then

@@ -51,7 +51,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 
 if want tests; then
-    for f in ${DIAG_TEST_FILES:-$(grep -l "gpu" tests/test_*.py)}; do
+    for f in ${DIAG_TEST_FILES:-$(grep -rl "gpu" tests --include="test_*.py" | sort)}; do
         run_for 150 $PY -m pytest -m "${DIAG_PYTEST_MARK:-gpu}" -q -rfE -p no:cacheprovider "$f"
         rc=$?
         if ((rc > 1 && rc != 5 && rc != 124)) && command -v cuda-gdb >/dev/null; then

@@ -3,7 +3,7 @@ for serving.
 
 Run: ``pytest benchmarks/test_cpu_bench.py`` (``OWL_SPARSE_BENCH_SIZE`` sets the square
 weight size, default 2048).  Each benchmark also checks its result, so
-``--benchmark-disable`` (one call each, as tests/test_benchmarks.py runs it) is a test.
+``--benchmark-disable`` (one call each, as tests/benchmarks/test_benchmarks.py runs it) is a test.
 """
 
 from __future__ import annotations

@@ -1,13 +1,18 @@
-"""Shared test setup: markers, the shared data directory, tiny model factories."""
+"""Shared test setup: markers, the shared data directory, the checkpoints and files that
+test files in several directories use.  Plain helpers live in factories.py."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+# The shared helper modules hold assertions: rewrite them like the test modules' own.
+pytest.register_assert_rewrite("factories", "cuda_checks")
+
+from factories import REPO, _packed_model, _tokenizer, tiny_model  # noqa: E402
 
 
 def pytest_configure(config):
@@ -48,54 +53,34 @@ def shared_data() -> Path:
     return path
 
 
-def tiny_config(family: str, **overrides):
-    """A tiny randomly initialised transformers config of a model family (no download)."""
-    import transformers as tf
-
-    common = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    if family == "llama":
-        cfg = tf.LlamaConfig(**common)
-    elif family == "mistral":
-        cfg = tf.MistralConfig(**common, sliding_window=None)
-    elif family == "qwen2":
-        cfg = tf.Qwen2Config(**common)
-    elif family == "qwen3":
-        cfg = tf.Qwen3Config(**common, head_dim=16)
-    elif family == "opt":
-        cfg = tf.OPTConfig(
-            vocab_size=128,
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            word_embed_proj_dim=64,
-        )
-    elif family == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
-    else:
-        raise ValueError(family)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+# ------------------------------------------------------------------ checkpoints and files
+# (models/, io/ and cli/ tests; a test module's own fixture of the same name wins there)
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A dense HF directory (tiny LLaMA + word-level tokenizer), as a user would have."""
+    path = tmp_path_factory.mktemp("hf") / "model"
+    tiny_model("llama").save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
+@pytest.fixture(scope="module")
+def base_ck(tmp_path_factory) -> Path:
+    from owl_sparse.io import save_pretrained
+
+    path = tmp_path_factory.mktemp("ck") / "ck"
+    save_pretrained(_packed_model(), path, tokenizer=_tokenizer())
+    return path
 
 
-def tiny_model(family: str, seed: int = 0, **overrides):
-    """A tiny random causal LM of the family, in eval mode, float32."""
-    import torch
-    import transformers as tf
+@pytest.fixture
+def ck(tmp_path, base_ck) -> Path:
+    shutil.copytree(base_ck, tmp_path / "ck")
+    return tmp_path / "ck"
 
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
-    return model.eval()
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(900)))
+    return path

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import grimp
+from factories import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "owl_sparse"
 
 
