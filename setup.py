@@ -1,9 +1,13 @@
 """owl-sparse: prune LLMs with OWL and serve them with sparse kernels.
 
-The CUDA extension ``owl_sparse._C`` is built only where a CUDA build of torch and
-``nvcc`` exist.  Switches (environment variables):
+The CPU kernels ``owl_sparse._cpu`` (csrc/cpu) are built on every machine with a C++
+compiler and torch importable at build time (``pip install --no-build-isolation``); the
+CUDA extension ``owl_sparse._C`` only where a CUDA build of torch and ``nvcc`` exist.  Where
+a build is skipped the kernels are JIT-built with ninja on first use.  Switches
+(environment variables):
 
-- ``OWL_SPARSE_SKIP_CUDA_BUILD=1``: never build the extension (pure-Python install;
+- ``OWL_SPARSE_SKIP_CPU_BUILD=1``: do not build the CPU kernels here (JIT on first use).
+- ``OWL_SPARSE_SKIP_CUDA_BUILD=1``: never build the CUDA extension (pure-Python install;
   the ops fall back to Triton / the CPU reference, or JIT-build on first use).
 - ``OWL_SPARSE_CUDA_ARCHS="80;90"``: compute capabilities to build for (default 80 and 90).
 - ``OWL_SPARSE_NVCC_THREADS=4``: parallel nvcc threads per compile.
@@ -81,7 +85,33 @@ def _cuda_extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = _cuda_extensions()
+def _cpu_extensions():
+    """(extensions, cmdclass) for the CPU kernels; empty without torch or a C++ compiler.
+
+    One binary for every x86-64 CPU: the AVX2 / AVX-512 files carry their instruction set in
+    a `#pragma GCC target`, and the code picks one at run time (no -march flag here).
+    """
+    if os.environ.get("OWL_SPARSE_SKIP_CPU_BUILD", "0") == "1":
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return [], {}
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return [], {}
+    ext = CppExtension(
+        name="owl_sparse._cpu",
+        sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+_cpu_ext, _cpu_cmd = _cpu_extensions()
+_cuda_ext, _cuda_cmd = _cuda_extensions()
+ext_modules, cmdclass = _cpu_ext + _cuda_ext, {**_cpu_cmd, **_cuda_cmd}
 
 setup(
     name="owl-sparse",

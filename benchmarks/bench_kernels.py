@@ -293,7 +293,7 @@ def main(argv=None) -> dict:
     table = args.table_out
     if table is None and device.type == "cuda":
         name = slug(torch.cuda.get_device_name(device))
-        table = str(REPO / "owl_sparse" / "dispatch_tables" / f"{name}.json")
+        table = str(REPO / "owl_sparse" / "ops" / "tables" / f"{name}.json")
 
     def save(doc: dict) -> None:
         if args.json_out:

@@ -241,11 +241,44 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def llc_bytes() -> int:
+    """The last-level cache size this machine reports: the largest of sysconf's L3 and the
+    sysfs cache entries (VMs disagree with themselves; benchmarks size rotation from the
+    largest, so no cache flatters a result)."""
+    sizes = []
+    try:  # glibc's view (what `getconf LEVEL3_CACHE_SIZE` prints)
+        out = subprocess.run(
+            ["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        sizes.append(int(out or 0))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            pass
+    return max(sizes + [32 * 2**20])
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
 
 
 def slug(text: str) -> str:
@@ -273,6 +306,16 @@ def environment(device) -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    if device.type == "cpu":
+        from owl_sparse.ops import cpu
+
+        env.update(
+            cpu_model=cpu_model(),
+            cpu_isa=cpu.isa() if cpu.available() else None,
+            cpu_kernels=cpu.status(),
+            threads=torch.get_num_threads(),
+            llc_mb=round(llc_bytes() / 2**20, 1),
+        )
     if device.type == "cuda":
         from owl_sparse.ops import cuda as cuda_ext
 

@@ -202,7 +202,7 @@ def build(parts: Path, out_dir: Path) -> dict:
         md += ["### Pruning cost (bench_prune)", "", generic_table(prune), ""]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     files = [stem.with_suffix(".json"), stem.with_suffix(".md"), *plots]
-    table = REPO / "owl_sparse" / "dispatch_tables" / f"{slug(env.get('device', ''))}.json"
+    table = REPO / "owl_sparse" / "ops" / "tables" / f"{slug(env.get('device', ''))}.json"
     if kernels and kernels.get("dispatch") and table.is_file():
         files.append(table)
     return {"files": [os.path.relpath(f, REPO) for f in files]}

@@ -23,6 +23,8 @@ variable                       meaning
 ``OWL_SPARSE_FORCE_JIT``       1: JIT-build even when a prebuilt extension exists
 ``OWL_SPARSE_JIT_VERBOSE``     1: show the JIT build's compiler output
 ``OWL_SPARSE_AUTOTUNE``        0: Triton kernels use their first config (no autotuning)
+``OWL_SPARSE_CPU_ISA``         the CPU kernels' instruction set: portable, avx2, avx512 or
+                               avx512_bf16 (default: the best this CPU runs)
 ``OWL_SPARSE_BENCH_SIZE``      matrix size of the pytest-benchmark smoke file (2048)
 ``OWL_SPARSE_COMMIT``          commit recorded in benchmark results (default: git's)
 ``TRITON_INTERPRET``           Triton's own switch: 1 runs Triton kernels on the CPU
@@ -58,6 +60,7 @@ class Settings:
     force_jit: bool
     jit_verbose: bool
     autotune: bool
+    cpu_isa: str | None
     bench_size: int
     commit: str | None
     triton_interpret: bool
@@ -119,6 +122,16 @@ def _cache_cap(env) -> float | None:
     return None if mb < 0 else mb * 2**20
 
 
+CPU_ISAS = ("portable", "avx2", "avx512", "avx512_bf16")
+
+
+def _cpu_isa(env) -> str | None:
+    raw = env.get("OWL_SPARSE_CPU_ISA", "").strip().lower()
+    if raw and raw not in CPU_ISAS:
+        raise InputError(f"OWL_SPARSE_CPU_ISA={raw!r}: expected one of {', '.join(CPU_ISAS)}")
+    return raw or None
+
+
 def _positive_int(env, name: str, default: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
@@ -152,6 +165,7 @@ def read(env=None) -> Settings:
         force_jit=_flag(env, "OWL_SPARSE_FORCE_JIT"),
         jit_verbose=_flag(env, "OWL_SPARSE_JIT_VERBOSE"),
         autotune=_flag(env, "OWL_SPARSE_AUTOTUNE", default=True),
+        cpu_isa=_cpu_isa(env),
         bench_size=_positive_int(env, "OWL_SPARSE_BENCH_SIZE", 2048),
         commit=env.get("OWL_SPARSE_COMMIT") or None,
         triton_interpret=_flag(env, "TRITON_INTERPRET"),

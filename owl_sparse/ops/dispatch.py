@@ -5,7 +5,9 @@ Backends
 A backend is ``fn(x2d, packed, bias) -> y2d``: ``x2d`` the activation ``[T, K]``
 (contiguous, same dtype as the packed values), ``packed`` a :class:`BitmapWeight` or
 :class:`Sparse24Weight`, ``bias`` ``[N]`` or None; it returns a new ``[T, N]`` tensor.
-Built in: ``"dense"`` for every format (:mod:`owl_sparse.ops.dense`), ``"triton_gemv"`` and
+Built in: ``"dense"`` for every format (:mod:`owl_sparse.ops.dense`), ``"cpu_sparse"`` (the CPU
+kernels of :mod:`owl_sparse.ops.cpu`, which choose between themselves and dense panels per
+call on CPU tensors, from the same tables), ``"triton_gemv"`` and
 ``"triton_mm"`` (bitmap) and ``"triton_gemv"`` (2:4). On a machine with a GPU,
 :mod:`owl_sparse.ops.cuda` supplies ``"cuda_mma"``, ``"cuda_gemv"`` and ``"cuda_mma_wgmma"``
 (bitmap) and ``"cuda_sp"`` and ``"cuda_sp_wgmma"`` (2:4); ``cuda_gemv`` and the two wgmma
@@ -43,26 +45,35 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import json
 import logging
-import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .. import settings
 from ..errors import InputError
-from . import cuda
+from . import cpu, cuda, table
 from .dense import dense_linear
+from .table import FORMATS, has_measurements, table_lookup, token_bucket
+
+__all__ = [
+    "backends",
+    "choose_backend",
+    "choose_backend_why",
+    "disabled_backends",
+    "force_backend",
+    "register_backend",
+    "reload_tables",
+    "run",
+    "save_table",
+    "table_lookup",
+    "token_bucket",
+]
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("bitmap", "2:4")
-TABLE_DIR = Path(__file__).resolve().parent / "tables"
 DEFAULT_ORDER = {"bitmap": ("triton_gemv",), "2:4": ("cuda_sp", "triton_gemv")}
 DEFAULT_MAX_TOKENS = 16
 DEFAULT_MIN_SPARSITY = 0.5
@@ -128,11 +139,6 @@ def _is_available(b: Backend) -> bool:
         return False
 
 
-def token_bucket(tokens: int) -> int:
-    """The table's token bucket: the next power of two >= ``tokens`` (1 for 0 or 1)."""
-    return 1 if tokens <= 1 else 1 << (int(tokens) - 1).bit_length()
-
-
 @contextlib.contextmanager
 def force_backend(fmt: str, name: str):
     """Context manager: run every ``fmt`` op through backend ``name`` (tests, benchmarks)."""
@@ -142,6 +148,7 @@ def force_backend(fmt: str, name: str):
         )
     old = _FORCED.get(fmt)
     _FORCED[fmt] = name
+    cpu.force(fmt, name if name in cpu.BACKENDS else None)
     try:
         yield
     finally:
@@ -149,99 +156,34 @@ def force_backend(fmt: str, name: str):
             _FORCED.pop(fmt, None)
         else:
             _FORCED[fmt] = old
-
-
-# ---------------------------------------------------------------------------- tables
-def _table_files() -> list[Path]:
-    files = sorted(TABLE_DIR.glob("*.json"))
-    for p in settings.get().dispatch_tables:
-        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
-    return files
-
-
-@functools.lru_cache(maxsize=1)
-def _table() -> dict[tuple, list[tuple[float, str, str]]]:
-    table: dict[tuple, list[tuple[float, str, str]]] = {}
-    for path in _table_files():
-        try:
-            doc = json.loads(path.read_text())
-            gpu = str(doc["gpu"])
-            for e in doc["entries"]:
-                key = (gpu, e["fmt"], e["dtype"], int(e["N"]), int(e["K"]), int(e["tokens"]))
-                table.setdefault(key, []).append(
-                    (float(e.get("sparsity", 0.5)), e["backend"], e.get("why", ""))
-                )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring dispatch table %s: %s", path, exc)
-    return table
+        _restore_cpu_forcing(fmt)
 
 
 def reload_tables() -> None:
-    """Forget the loaded tables (after writing a new one)."""
-    _table.cache_clear()
-    _nearest_key.cache_clear()
-    _has_measurements.cache_clear()
+    """Read the measured tables again (after one was written) and hand the CPU kernels
+    their part."""
+    table.reload_tables()
+    if cpu.available():
+        cpu.push_table()
 
 
-def save_table(path: str | os.PathLike, gpu: str, entries: list[dict]) -> Path:
-    """Write a dispatch table (schema in the module docstring); checks every entry's fields."""
-    need = {"fmt": str, "dtype": str, "N": int, "K": int, "tokens": int, "backend": str}
-    for i, e in enumerate(entries):
-        for field, typ in need.items():
-            if not isinstance(e.get(field), typ):
-                raise InputError(
-                    f"dispatch table entry {i} needs {field!r} of type {typ.__name__}: {e}"
-                )
-        if e["fmt"] not in FORMATS or e["tokens"] != token_bucket(e["tokens"]):
-            raise InputError(f"dispatch table entry {i}: bad fmt or non power-of-two tokens: {e}")
-    path = Path(path)
-    path.write_text(json.dumps({"gpu": gpu, "entries": entries}, indent=1) + "\n")
+def save_table(path, device: str, entries: list[dict]):
+    """Write a measured table for ``device`` (a GPU's name or ``cpu:<isa>``, see
+    :mod:`owl_sparse.ops.table` for the schema) and start using it."""
+    written = table.save_table(path, device, entries)
     reload_tables()
-    return path
+    return written
+
+
+def _restore_cpu_forcing(fmt: str) -> None:
+    """Give the CPU kernels back the forcing of force_backend / OWL_SPARSE_BACKEND, if any."""
+    forced = _FORCED.get(fmt) or settings.get().forced_backend(fmt)
+    cpu.force(fmt, forced if forced in cpu.BACKENDS else None)
 
 
 @functools.lru_cache(maxsize=16)
 def _gpu_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-@functools.lru_cache(maxsize=4096)
-def _nearest_key(gpu: str, fmt: str, dtype: str, n: int, k: int, bucket: int) -> tuple | None:
-    """The measured (gpu, fmt, dtype, N', K', bucket) key nearest to (n, k), within 2x."""
-    best, best_d = None, 1.0 + 1e-9
-    for key in _table():
-        if key[:3] != (gpu, fmt, dtype) or key[5] != bucket:
-            continue
-        d = abs(math.log2(n / key[3])) + abs(math.log2(k / key[4]))
-        if d <= best_d:
-            best, best_d = key, d
-    return best
-
-
-def table_lookup(
-    gpu: str, fmt: str, dtype: torch.dtype, n: int, k: int, tokens: int, sparsity: float
-) -> tuple[str, str] | None:
-    """(backend, reason) from the measured tables (the shape itself or the nearest measured
-    shape within 2x in N and K), or None when nothing near was measured."""
-    key = (gpu, fmt, _dtype_name(dtype), n, k, token_bucket(tokens))
-    rows = _table().get(key)
-    shown = key
-    if not rows:
-        near_key = _nearest_key(*key)
-        if near_key is None:
-            return None
-        rows, shown = _table()[near_key], f"{near_key} (nearest measured shape to {n}x{k})"
-    near, name, why = min(rows, key=lambda r: abs(r[0] - sparsity))
-    return name, f"table {shown} at sparsity {near}: {why}"
-
-
-@functools.lru_cache(maxsize=64)
-def _has_measurements(gpu: str, fmt: str) -> bool:
-    return any(key[0] == gpu and key[1] == fmt for key in _table())
 
 
 # ---------------------------------------------------------------------------- choice
@@ -261,6 +203,8 @@ def choose_backend_why(fmt: str, x2d: Tensor, packed) -> tuple[str, str]:
                 f"forced backend {forced!r} for {fmt!r} is not registered or not available"
             )
         return forced, "forced"
+    if x2d.device.type == "cpu":
+        return cpu.choose(fmt, x2d.dtype, packed.N, packed.K, x2d.shape[0], packed.sparsity)
     if x2d.device.type != "cuda":
         return "dense", f"no sparse kernels on {x2d.device.type}"
     tokens = x2d.shape[0]
@@ -268,7 +212,7 @@ def choose_backend_why(fmt: str, x2d: Tensor, packed) -> tuple[str, str]:
     hit = table_lookup(gpu, fmt, x2d.dtype, packed.N, packed.K, tokens, packed.sparsity)
     if hit is not None and hit[0] in regs and _is_available(regs[hit[0]]):
         return hit
-    if fmt == "bitmap" and _has_measurements(gpu, fmt):
+    if fmt == "bitmap" and has_measurements(gpu, fmt):
         return "dense", f"default rule: bitmap shape unmeasured on {gpu}, nothing near"
     if tokens <= DEFAULT_MAX_TOKENS and (fmt == "2:4" or packed.sparsity >= DEFAULT_MIN_SPARSITY):
         for name in DEFAULT_ORDER[fmt]:
@@ -310,6 +254,19 @@ def _triton_sparse24_gemv(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
     return sparse24_gemv(x2d, packed, bias)
 
 
+def _cpu_sparse(x2d: Tensor, packed, bias: Tensor | None) -> Tensor:
+    """The CPU kernels on the packed bytes (``cpu_sparse``), whatever their table says."""
+    cpu.force(packed.fmt, "cpu_sparse")
+    try:
+        if packed.fmt == "bitmap":
+            return torch.ops.owl_sparse.bitmap_linear(
+                x2d, packed.bitmap, packed.values, packed.tile_offsets, bias, packed.N, packed.K
+            )
+        return torch.ops.owl_sparse.sparse24_linear(x2d, packed.values, packed.meta, bias)
+    finally:
+        _restore_cpu_forcing(packed.fmt)
+
+
 _PLUGINS_TRIED = [False]
 
 
@@ -325,6 +282,8 @@ def _load_plugins() -> None:
 
 for _fmt in FORMATS:
     register_backend(_fmt, "dense", dense_linear)
+for _fmt in FORMATS:
+    register_backend(_fmt, "cpu_sparse", _cpu_sparse, cpu.available)
 register_backend("bitmap", "triton_gemv", _triton_bitmap_gemv, _triton_available)
 register_backend("bitmap", "triton_mm", _triton_bitmap_mm, _triton_available)
 register_backend("2:4", "triton_gemv", _triton_sparse24_gemv, _triton_available)

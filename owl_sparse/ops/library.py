@@ -11,9 +11,11 @@ Result: ``[..., N]`` in ``x``'s dtype.
 
 Implementations
 - fake (meta): shape and dtype checks with ``torch._check``, for torch.compile;
-- default (CPU and any non-CUDA device): the reference, ``x @ to_dense()^T`` computed in
-  fp32 and cast back (the dense weight is unpacked once per packed weight and cached, see
-  :func:`owl_sparse.ops.dense.dense_weight`);
+- CPU: the compiled kernels of csrc/cpu (:mod:`owl_sparse.ops.cpu`), registered for the CPU
+  dispatch key when they load; they read the packed bytes and keep no dense copy;
+- default (any device without a kernel, and the CPU until its kernels load): the reference,
+  ``x @ to_dense()^T`` computed in fp32 and cast back, unpacking on every call (it keeps no
+  dense copy either);
 - CUDA: :func:`owl_sparse.ops.dispatch.run` picks a backend (Triton, CUDA extension, dense).
 - autograd: gradients flow to ``x`` and ``bias``; the packed weight is frozen.
 
@@ -28,8 +30,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..formats.bitmap import TILE_K, TILE_N, BitmapWeight, padded_shape
 from ..formats.sparse24 import Sparse24Weight
-from . import dispatch
-from .dense import dense_weight
+from . import cpu, dispatch
 
 
 def _check_activation(x: Tensor, packed, bias: Tensor | None) -> None:
@@ -59,6 +60,16 @@ def _reference(x: Tensor, dense: Tensor, bias: Tensor | None) -> Tensor:
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def _compiled_cpu_kernel(op: str, x: Tensor) -> bool:
+    """True when the CPU kernels serve ``op`` now: they are loaded on the first CPU call (a
+    JIT build where no prebuilt library exists), after which calls go straight to them."""
+    return (
+        x.device.type == "cpu"
+        and cpu.load()
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"owl_sparse::{op}", "CPU")
+    )
 
 
 def _run_cuda(packed, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -94,7 +105,11 @@ def bitmap_linear(
     """y [..., N] = x [..., K] @ W^T + bias, W packed in the bitmap format (reference impl)."""
     packed = BitmapWeight(bitmap, values, tile_offsets, out_features, in_features)
     _check_activation(x, packed, bias)
-    return _reference(x, dense_weight(packed), bias)
+    if _compiled_cpu_kernel("bitmap_linear", x):
+        return torch.ops.owl_sparse.bitmap_linear(
+            x, bitmap, values, tile_offsets, bias, out_features, in_features
+        )
+    return _reference(x, packed.to_dense(), bias)
 
 
 @bitmap_linear.register_kernel("cuda")
@@ -141,7 +156,9 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None
     """y [..., N] = x [..., K] @ W^T + bias, W packed in the 2:4 format (reference impl)."""
     packed = Sparse24Weight(values, meta)
     _check_activation(x, packed, bias)
-    return _reference(x, dense_weight(packed), bias)
+    if _compiled_cpu_kernel("sparse24_linear", x):
+        return torch.ops.owl_sparse.sparse24_linear(x, values, meta, bias)
+    return _reference(x, packed.to_dense(), bias)
 
 
 @sparse24_linear.register_kernel("cuda")
@@ -210,8 +227,9 @@ sparse24_linear.register_autograd(_backward_24, setup_context=_setup_24)
 # ---------------------------------------------------------------------------- entry
 def linear(x: Tensor, packed: BitmapWeight | Sparse24Weight, bias: Tensor | None = None) -> Tensor:
     """``x [..., K] @ W^T + bias`` for a packed weight ``W`` [N, K]; calls the matching op."""
-    if not isinstance(x, Tensor):  # the op schema would reject it with a torch error
-        raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(packed, (BitmapWeight, Sparse24Weight)):
+        # Before the op: the compiled kernels' own checks raise a plain ValueError.
+        _check_activation(x, packed, bias)
     if isinstance(packed, BitmapWeight):
         return torch.ops.owl_sparse.bitmap_linear(
             x, packed.bitmap, packed.values, packed.tile_offsets, bias, packed.N, packed.K
@@ -221,3 +239,7 @@ def linear(x: Tensor, packed: BitmapWeight | Sparse24Weight, bias: Tensor | None
     raise InputError(
         f"linear: expected BitmapWeight or Sparse24Weight, got {type(packed).__name__}"
     )
+
+
+# A prebuilt CPU library registers its kernels now (cheap); a JIT build waits for a call.
+cpu.load(jit=False)

@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:
 from benchmarks import bench_e2e, bench_kernels, common, e2e_models, suite_report  # noqa: E402
 from owl_sparse import settings  # noqa: E402
 from owl_sparse.ops import dispatch  # noqa: E402
+from owl_sparse.ops import table as table_mod  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -102,7 +103,7 @@ def test_kernel_bench_table_loads_into_dispatch(kernel_doc, monkeypatch):
     settings.reload()
     dispatch.reload_tables()
     try:
-        loaded = dispatch._table()
+        loaded = table_mod.entries_by_key()
         for e in table["entries"]:
             key = (table["gpu"], e["fmt"], e["dtype"], e["N"], e["K"], e["tokens"])
             assert any(row[1] == e["backend"] for row in loaded[key])
@@ -321,3 +322,35 @@ def test_e2e_tiny_on_gpu_uses_cuda_graphs():
     for r in doc["results"]:
         assert all(v["cuda_graph"] for v in r["decode"].values()), r["decode"]
         assert r["peak_bytes"] > 0
+
+
+def test_cpu_kernel_bench_tiny_grid(tmp_path):
+    """The CPU kernel benchmark's reduced grid: every contender correct, ratios from the
+    times of the same run, a loadable dispatch table, the report and plot written."""
+    from benchmarks import bench_cpu
+    from owl_sparse.ops import cpu
+
+    if not cpu.available():
+        pytest.skip("compiled CPU kernels unavailable")
+    out = tmp_path / "cpu"
+    doc = bench_cpu.main(
+        ["--grid", "tiny", "--target-s", "0.02", "--out", str(out), "--table-out", "none"]
+    )
+    rows = doc["rows"]
+    assert rows and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    assert {r["contender"] for r in rows} == set(bench_cpu.CONTENDERS)
+    assert doc["read_bandwidth_gbps"] > 0 and doc["llc_bytes"] > 0
+    for r in rows:
+        base = next(
+            b
+            for b in rows
+            if b["contender"] == "torch_dense"
+            and (b["layer"], b["dtype"], b["pattern"], b["tokens"])
+            == (r["layer"], r["dtype"], r["pattern"], r["tokens"])
+        )
+        assert r["speedup"] == pytest.approx(base["time_us"] / r["time_us"])
+    assert {e["backend"] for e in doc["dispatch"]} <= {"cpu_sparse", "dense"}
+    saved = dispatch.save_table(tmp_path / "t.json", cpu.device_key(), doc["dispatch"])
+    assert json.loads(saved.read_text())["entries"]
+    assert out.with_suffix(".md").read_text().count("|") > 10
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -11,7 +11,7 @@ from factories import bitmap_weight
 
 from owl_sparse import settings
 from owl_sparse.errors import InputError
-from owl_sparse.ops import dispatch
+from owl_sparse.ops import cpu, dispatch, table
 
 
 def test_token_bucket():
@@ -32,6 +32,9 @@ def test_backends_registered_and_cpu_choice():
     assert {"dense", "triton_gemv"} <= set(dispatch.backends("2:4"))
     _, p = bitmap_weight()
     name, why = dispatch.choose_backend_why("bitmap", torch.randn(1, 136), p)
+    if cpu.available():  # the compiled kernels' default rule, without a measured table
+        assert name == "cpu_sparse" and "cpu" in why
+        name, why = dispatch.choose_backend_why("bitmap", torch.randn(40, 136), p)
     assert name == "dense" and "cpu" in why
 
 
@@ -133,8 +136,8 @@ def test_table_lookup(tmp_path, monkeypatch):
         assert look("FakeGPU", "bitmap", torch.float16, 2048, 4096, 1, 0.5)[0] == "dense"
         assert look("FakeGPU", "bitmap", torch.float16, 2048, 2048, 1, 0.7) is None  # 4x away
         assert look("FakeGPU", "bitmap", torch.float16, 576, 1536, 1, 0.7) is None
-        assert dispatch._has_measurements("FakeGPU", "bitmap")
-        assert not dispatch._has_measurements("FakeGPU", "2:4")
+        assert table.has_measurements("FakeGPU", "bitmap")
+        assert not table.has_measurements("FakeGPU", "2:4")
         assert json.loads((tmp_path / "h100.json").read_text())["gpu"] == "FakeGPU"
     finally:
         monkeypatch.delenv("OWL_SPARSE_DISPATCH_TABLES")

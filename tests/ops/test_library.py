@@ -35,14 +35,17 @@ def test_opcheck(make, x_shape, with_bias, grad):
 
 @pytest.mark.parametrize("make", [bitmap_weight, sparse24_weight])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_reference_is_dense_matmul_in_fp32(make, dtype):
+def test_cpu_op_is_dense_matmul_in_fp32(make, dtype):
+    """The CPU op (compiled kernels, else the Python reference) is x @ W^T + b accumulated in
+    fp32 and rounded once to x's dtype: at most one rounding of the output away from it."""
     dense, packed = make(dtype=dtype)
     x = torch.randn(4, 7, packed.K).to(dtype)
     b = torch.randn(packed.N).to(dtype)
     y = ops.linear(x, packed, b)
-    ref = (x.float() @ dense.float().t() + b.float()).to(dtype)
+    ref = x.float() @ dense.float().t() + b.float()
     assert y.dtype == dtype and y.shape == (4, 7, packed.N)
-    assert torch.equal(y, ref)
+    ulp = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert ((y.float() - ref).abs() <= ulp * ref.abs() + 1e-5).all()
 
 
 @pytest.mark.parametrize("make", [bitmap_weight, sparse24_weight])
@@ -54,8 +57,9 @@ def test_zero_tokens_and_autograd(make):
     (ops.linear(x, packed, b) ** 2).sum().backward()
     x2, b2 = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     (torch.nn.functional.linear(x2, dense, b2) ** 2).sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad)
-    torch.testing.assert_close(b.grad, b2.grad)
+    # fp32 sums in another order (the kernels accumulate 16 lanes at a time)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b.grad, b2.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("make", [bitmap_weight, sparse24_weight])
@@ -72,22 +76,23 @@ def test_bad_activation_errors(make):
 
 
 def test_op_rejects_malformed_packed_tensors():
+    # the Python reference raises InputError, the compiled kernels its base, ValueError
     _, p = bitmap_weight()
     x = torch.randn(2, 136)
-    with pytest.raises(InputError, match="bitmap.bitmap"):
+    with pytest.raises(ValueError, match="bitmap.bitmap"):
         torch.ops.owl_sparse.bitmap_linear(
             x, p.bitmap[:, :2].contiguous(), p.values, p.tile_offsets, None, 20, 136
         )
-    with pytest.raises(InputError, match="int32"):
+    with pytest.raises(ValueError, match="int32"):
         torch.ops.owl_sparse.bitmap_linear(
             x, p.bitmap, p.values, p.tile_offsets.long(), None, 20, 136
         )
-    with pytest.raises(InputError, match="contiguous"):
+    with pytest.raises(ValueError, match="contiguous"):
         torch.ops.owl_sparse.bitmap_linear(
             x, p.bitmap, p.values[::2], p.tile_offsets, None, 20, 136
         )
     _, q = sparse24_weight()
-    with pytest.raises(InputError, match="meta"):
+    with pytest.raises(ValueError, match="meta"):
         torch.ops.owl_sparse.sparse24_linear(x, q.values, q.meta[:, :3].contiguous(), None)
 
 

@@ -1,0 +1,130 @@
+// The AVX-512 kernels, compiled twice (kernels_avx512.cpp, kernels_avx512bf16.cpp) under a
+// `#pragma GCC target` that enables their instruction set; OWL_NS names the namespace and
+// OWL_BF16DOT (0 / 1) says whether bf16 weights multiply bf16 activations with vdpbf16ps.
+//
+// One 32-column word of a row: its bit mask m says which columns are kept; vpexpandw
+// (vexpandps for fp32) with a memory operand reads exactly the popcount(m) packed values and
+// puts each under its set bit, zeros elsewhere (faster on Zen 4 than a masked load followed
+// by the register form, and it never reads past the last value).
+#include <immintrin.h>
+
+#include "loops.h"
+
+// GCC 12 reports the deliberately undefined upper lanes inside its own AVX-512 headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+
+
+
+namespace owl_cpu {
+namespace OWL_NS {
+namespace {
+
+inline __m512i expand16(uint32_t m, const uint16_t*& p) {
+  const __m512i v = _mm512_maskz_expandloadu_epi16(m, p);
+  p += __builtin_popcount(m);
+  return v;
+}
+
+inline __m512 expand32(uint32_t m16, const float*& p) {
+  const __m512 v = _mm512_maskz_expandloadu_ps(__mmask16(m16), p);
+  p += __builtin_popcount(m16);
+  return v;
+}
+
+inline __mmask32 first(int cols) { return _bzhi_u32(0xffffffffu, unsigned(cols)); }
+
+struct Pair {  // 32 weights as two fp32 vectors (columns 0-15, 16-31)
+  __m512 lo, hi;
+};
+
+struct Base {
+  using Acc = __m512;
+  static constexpr int kMaxAcc = 16;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static float sum(const Acc& a) { return _mm512_reduce_add_ps(a); }
+};
+
+// fp32 activations; W = the 32 weights widened to fp32 once per word.
+template <DType D>
+struct Widened : Base {
+  using VT = std::conditional_t<D == DType::kFloat32, float, uint16_t>;
+  using XT = float;
+  using W = Pair;
+  static W decode(uint32_t m, const VT*& p) {
+    if constexpr (D == DType::kFloat32) {
+      const __m512 lo = expand32(m & 0xffffu, p);
+      return {lo, expand32(m >> 16, p)};
+    } else {
+      const __m512i e = expand16(m, p);
+      const __m256i lo = _mm512_extracti64x4_epi64(e, 0), hi = _mm512_extracti64x4_epi64(e, 1);
+      if constexpr (D == DType::kFloat16) return {_mm512_cvtph_ps(lo), _mm512_cvtph_ps(hi)};
+      return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16)),
+              _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16))};
+    }
+  }
+  static W decode_exact(uint32_t m, const VT*& p) { return decode(m, p); }
+  static void fma(Acc& acc, const W& w, const XT* x) {
+    acc = _mm512_fmadd_ps(w.lo, _mm512_loadu_ps(x), acc);
+    acc = _mm512_fmadd_ps(w.hi, _mm512_loadu_ps(x + 16), acc);
+  }
+};
+
+#if OWL_BF16DOT
+// bf16 weights and activations: vdpbf16ps multiplies 32 pairs into 16 fp32 lanes.
+struct Bf16Dot : Base {
+  using VT = uint16_t;
+  using XT = uint16_t;
+  using W = __m512i;
+  static W decode(uint32_t m, const VT*& p) { return expand16(m, p); }
+  static W decode_exact(uint32_t m, const VT*& p) { return expand16(m, p); }
+  static void fma(Acc& acc, const W& w, const XT* x) {
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_loadu_si512(x));
+  }
+};
+using Bf16Ops = Bf16Dot;
+#else
+using Bf16Ops = Widened<DType::kBFloat16>;
+#endif
+
+struct Copy16 {
+  using VT = uint16_t;
+  using W = __m512i;
+  static W decode(uint32_t m, const VT*& p) { return expand16(m, p); }
+  static W decode_exact(uint32_t m, const VT*& p) { return expand16(m, p); }
+  // A masked store is slow on some CPUs (Zen 4): only the last, partial word uses one.
+  static void store(const W& w, VT* out, int cols) {
+    if (cols == 32)
+      _mm512_storeu_si512(out, w);
+    else
+      _mm512_mask_storeu_epi16(out, first(cols), w);
+  }
+};
+
+struct Copy32 {
+  using VT = float;
+  using W = Pair;
+  static W decode(uint32_t m, const VT*& p) {
+    const __m512 lo = expand32(m & 0xffffu, p);
+    return {lo, expand32(m >> 16, p)};
+  }
+  static W decode_exact(uint32_t m, const VT*& p) { return decode(m, p); }
+  static void store(const W& w, VT* out, int cols) {
+    if (cols == 32) {
+      _mm512_storeu_ps(out, w.lo);
+      _mm512_storeu_ps(out + 16, w.hi);
+      return;
+    }
+    const __mmask32 keep = first(cols);
+    _mm512_mask_storeu_ps(out, __mmask16(keep & 0xffffu), w.lo);
+    _mm512_mask_storeu_ps(out + 16, __mmask16(keep >> 16), w.hi);
+  }
+};
+
+}  // namespace
+
+OWL_CPU_ENTRY_POINTS(Widened<DType::kFloat32>, Widened<DType::kFloat16>, Bf16Ops, Copy32, Copy16)
+
+}  // namespace OWL_NS
+}  // namespace owl_cpu

@@ -1,0 +1,123 @@
+// AVX2 + FMA + F16C + BMI2 kernels (Haswell and later, Zen 1 and later).  No expand
+// instruction: each byte of a 32-bit mask word (8 columns) indexes a shuffle table that
+// moves its popcount packed values under their set bits (kTables.expand16 / expand32).
+#if defined(__x86_64__)  // the target pragma and intrinsics are x86-64 only
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
+#include <immintrin.h>
+
+#include "loops.h"
+
+namespace owl_cpu {
+namespace avx2 {
+namespace {
+
+// 8 packed 16-bit values from p, of which the first `count` matter.  `exact`: read only
+// those (the last row of a 2:4 weight has no padding after it).
+inline __m128i load8x16(const uint16_t* p, int count, bool exact) {
+  if (!exact) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));  // bitmap: 16 padding values
+  if (count == 4) return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  alignas(16) uint16_t buf[8] = {0};
+  std::memcpy(buf, p, size_t(count) * 2);
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+}
+
+inline __m256 load8x32(const float* p, int count, bool exact) {
+  if (!exact) return _mm256_loadu_ps(p);
+  if (count == 4) return _mm256_castps128_ps256(_mm_loadu_ps(p));
+  alignas(32) float buf[8] = {0};
+  std::memcpy(buf, p, size_t(count) * 4);
+  return _mm256_load_ps(buf);
+}
+
+// The 8 weights of mask byte b, widened to fp32 (16-bit) or zero-filled (fp32).
+template <DType D>
+inline __m256 expand8(unsigned b, const std::conditional_t<D == DType::kFloat32, float, uint16_t>*& p,
+                      bool exact) {
+  const int c = __builtin_popcount(b);
+  __m256 out;
+  if constexpr (D == DType::kFloat32) {
+    const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTables.expand32[b]));
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(b)), bit), bit);
+    out = _mm256_and_ps(_mm256_permutevar8x32_ps(load8x32(p, c, exact), idx), _mm256_castsi256_ps(on));
+  } else {
+    const __m128i e = _mm_shuffle_epi8(load8x16(p, c, exact),
+                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTables.expand16[b])));
+    if constexpr (D == DType::kFloat16)
+      out = _mm256_cvtph_ps(e);
+    else
+      out = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(e), 16));
+  }
+  p += c;
+  return out;
+}
+
+template <DType D>
+struct Ops {
+  using VT = std::conditional_t<D == DType::kFloat32, float, uint16_t>;
+  using XT = float;
+  using Acc = __m256;
+  struct W {
+    __m256 q[4];
+  };
+  static constexpr int kMaxAcc = 8;
+  static Acc zero() { return _mm256_setzero_ps(); }
+  static float sum(const Acc& a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static W decode_with(uint32_t m, const VT*& p, bool exact) {
+    W w;
+    for (int j = 0; j < 4; ++j) w.q[j] = expand8<D>((m >> (8 * j)) & 0xffu, p, exact);
+    return w;
+  }
+  static W decode(uint32_t m, const VT*& p) { return decode_with(m, p, false); }
+  static W decode_exact(uint32_t m, const VT*& p) { return decode_with(m, p, true); }
+  static void fma(Acc& acc, const W& w, const XT* x) {
+    for (int j = 0; j < 4; ++j) acc = _mm256_fmadd_ps(w.q[j], _mm256_loadu_ps(x + 8 * j), acc);
+  }
+};
+
+// Unpacking: the values as stored (16-bit) or zero-filled fp32, 8 columns at a time.
+template <bool Wide>
+struct Copy {
+  using VT = std::conditional_t<Wide, float, uint16_t>;
+  struct W {
+    VT v[32];
+  };
+  static W decode_with(uint32_t m, const VT*& p, bool exact) {
+    W w;
+    for (int j = 0; j < 4; ++j) {
+      const unsigned b = (m >> (8 * j)) & 0xffu;
+      const int c = __builtin_popcount(b);
+      if constexpr (Wide) {
+        const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTables.expand32[b]));
+        const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        const __m256i on =
+            _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(b)), bit), bit);
+        _mm256_storeu_ps(w.v + 8 * j, _mm256_and_ps(_mm256_permutevar8x32_ps(load8x32(p, c, exact), idx),
+                                                    _mm256_castsi256_ps(on)));
+      } else {
+        const __m128i e = _mm_shuffle_epi8(
+            load8x16(p, c, exact), _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTables.expand16[b])));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(w.v + 8 * j), e);
+      }
+      p += c;
+    }
+    return w;
+  }
+  static W decode(uint32_t m, const VT*& p) { return decode_with(m, p, false); }
+  static W decode_exact(uint32_t m, const VT*& p) { return decode_with(m, p, true); }
+  static void store(const W& w, VT* out, int cols) { std::memcpy(out, w.v, size_t(cols) * sizeof(VT)); }
+};
+
+}  // namespace
+
+OWL_CPU_ENTRY_POINTS(Ops<DType::kFloat32>, Ops<DType::kFloat16>, Ops<DType::kBFloat16>, Copy<true>,
+                     Copy<false>)
+
+}  // namespace avx2
+}  // namespace owl_cpu
+#endif  // __x86_64__

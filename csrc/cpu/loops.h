@@ -1,0 +1,319 @@
+// The loops every ISA shares (internal to csrc/cpu): which packed bytes feed which outputs.
+// An ISA supplies an Ops type per dtype:
+//
+//   VT, XT     value and activation element types (XT: the compute dtype)
+//   Acc, W     an accumulator vector of fp32 lanes, and 32 decoded weights
+//   kMaxAcc    accumulators its register file holds
+//   zero(), sum(acc)                 a fresh accumulator; its lanes added up
+//   decode(m, p)                     the 32 weights of mask m from the values at p,
+//                                    p += popcount(m); may read up to 16 values past p's
+//                                    last one (the bitmap format pads 16 values)
+//   decode_exact(m, p)               the same, never reading past them (2:4 rows)
+//   fma(acc, w, x)                   acc += w . x[0:32]
+//
+// and, for unpacking, a copy type per value width (Copy16, Copy32) with VT, W, decode,
+// decode_exact and store(w, out, cols), which writes the first cols (<= 32) weights as
+// they are stored (no conversion).
+#pragma once
+
+#include "kernel_common.h"
+
+namespace owl_cpu {
+namespace {
+namespace loops {
+
+// Software prefetch distances of the bitmap kernels (tuned on Zen 4, see benchmarks/).
+constexpr int kPrefetchValues = 1024;  // values ahead of the one being read (16-row groups)
+constexpr int kPrefetchTiles = 4;      // column tiles ahead (smaller groups)
+constexpr int64_t kChunkBytes = 16384; // activations of the column tiles a row group visits
+
+// Rows [row0, row0 + R) of one 16-row bitmap strip, T tokens, column tiles [ct0, ct1).
+// cur[ct]: where the strip's first unvisited row starts in column tile ct (values go row
+// by row inside a tile, so the R rows' values follow each other), updated.  accmem: the
+// rows' [R][T] accumulators, read and written back (registers in between).  Every word's
+// values must end at or before nnz (a weight whose bits outnumber its offsets would
+// otherwise read past the values): false, reading nothing more, when one does not.
+template <class Ops, int R, int T>
+bool bitmap_rows(const BitmapView& w, const typename Ops::XT* x, int64_t strip, int row0,
+                 int64_t ct0, int64_t ct1, int32_t* cur, typename Ops::Acc* accmem) {
+  typename Ops::Acc acc[R][T];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) acc[i][t] = accmem[i * T + t];
+  const int64_t wpr = w.col_tiles() * 4;
+  const uint32_t* bm =
+      reinterpret_cast<const uint32_t*>(w.bitmap) + (strip * kTileN + row0) * wpr;
+  const auto* vals = static_cast<const typename Ops::VT*>(w.values);
+  const typename Ops::VT* end = vals + w.nnz();
+  // This strip's bitmap is 16 rows of 4 * nct words: while it is read tile by tile, the
+  // next group's (or strip's) words are fetched, 256 bytes per tile.
+  const uint32_t* next_bitmap = bm + R * wpr;
+  int64_t span = 0;  // bytes of this group's values in the previous tile
+  for (int64_t ct = ct0; ct < ct1; ++ct) {
+    const typename Ops::VT* p = vals + cur[ct];
+    if constexpr (R < kTileN) {
+      // A group reads only its rows' part of each tile (the other groups' parts lie in
+      // between), so a fixed distance ahead would land in another group's values: fetch
+      // this group's part of a tile further on, as long as its part here was.
+      if (ct + kPrefetchTiles < ct1) {
+        const char* ahead = reinterpret_cast<const char*>(vals + cur[ct + kPrefetchTiles]);
+        for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(ahead + b);
+      }
+    }
+    const uint32_t* words = bm + ct * 4;
+    const typename Ops::XT* xc = x + ct * 4 * T * 32;  // 4 words of T tokens
+    // R rows of a tile hold at most R * 128 values: only near the end is a check needed.
+    const bool near_end = end - p < R * kTileK;
+    for (int line = 0; line < 4; ++line) __builtin_prefetch(next_bitmap + ct * 64 + line * 16);
+    // Row by row: each decoded word meets its T activation vectors (L1-resident: the
+    // chunking below keeps them there), the R x T accumulators in registers.  (Word by
+    // word across the R rows was measured slower for every T.)
+    const typename Ops::VT* const start = p;
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      if constexpr (R == kTileN) __builtin_prefetch(p + kPrefetchValues);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t m = words[i * wpr + k];
+        if (near_end && p + __builtin_popcount(m) > end) return false;
+        const typename Ops::W e = Ops::decode(m, p);
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, xc + (k * T + t) * 32);
+      }
+    }
+    span = int64_t(p - start) * int64_t(sizeof(*p));
+    cur[ct] = int32_t(p - vals);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) accmem[i * T + t] = acc[i][t];
+  return true;
+}
+
+// The offsets of strip s's tiles, checked to lie in [0, nnz] (cur[ct] = start of tile ct).
+inline bool strip_starts(const BitmapView& w, int64_t s, int32_t* cur) {
+  const int64_t nct = w.col_tiles();
+  for (int64_t ct = 0; ct < nct; ++ct) {
+    cur[ct] = w.tile_offsets[s * nct + ct];
+    if (cur[ct] < 0 || cur[ct] > w.nnz()) return false;
+  }
+  return true;
+}
+
+// After a whole strip: each tile's values must end where the next tile's begin.
+inline bool strip_ends(const BitmapView& w, int64_t s, const int32_t* cur) {
+  const int64_t nct = w.col_tiles();
+  for (int64_t ct = 0; ct < nct; ++ct)
+    if (cur[ct] != w.tile_offsets[s * nct + ct + 1]) return false;
+  return true;
+}
+
+// Whole strips.  With fewer than 16 rows per group, the groups take turns over chunks of
+// column tiles small enough that the chunk's activations stay in L1 between them
+// (kChunkBytes), the accumulators waiting in memory meanwhile.
+template <class Ops, int R, int T>
+bool bitmap_strips(DType dtype, const BitmapView& w, const Activations& x, const void* bias,
+                   void* y, int64_t ldy, int64_t row_begin, int64_t row_end, int32_t* cur) {
+  const auto* xs = static_cast<const typename Ops::XT*>(x.data);
+  const int64_t nct = w.col_tiles();
+  const int64_t tile_bytes = 4 * T * 32 * int64_t(sizeof(typename Ops::XT));
+  const int64_t chunk = R == kTileN ? nct : std::max<int64_t>(1, kChunkBytes / tile_bytes);
+  alignas(64) typename Ops::Acc accmem[kTileN * T];
+  float sums[kTileN * T];
+  for (int64_t s = row_begin / kTileN; s * kTileN < row_end; ++s) {
+    if (!strip_starts(w, s, cur)) return false;
+    for (int j = 0; j < kTileN * T; ++j) accmem[j] = Ops::zero();
+    for (int64_t c0 = 0; c0 < nct; c0 += chunk)
+      for (int r0 = 0; r0 < kTileN; r0 += R)
+        if (!bitmap_rows<Ops, R, T>(w, xs, s, r0, c0, std::min(nct, c0 + chunk), cur,
+                                    accmem + r0 * T))
+          return false;
+    if (!strip_ends(w, s, cur)) return false;
+    for (int j = 0; j < kTileN * T; ++j) sums[j] = Ops::sum(accmem[j]);
+    for (int i = 0; i < kTileN; ++i) {
+      const int64_t n = s * kTileN + i;
+      if (n < row_end) store_row(dtype, sums + i * T, T, bias, y, ldy, n);
+    }
+  }
+  return true;
+}
+
+// The 32-bit column mask of 2:4 columns [32c, 32c + 32) from four meta bytes.
+inline uint32_t meta24_word(const uint8_t* mr) {
+  return uint32_t(kTables.meta24[mr[0]]) | uint32_t(kTables.meta24[mr[1]]) << 8 |
+         uint32_t(kTables.meta24[mr[2]]) << 16 | uint32_t(kTables.meta24[mr[3]]) << 24;
+}
+
+// 2:4 rows [n0, n0 + R): the 16 values of each 32 columns are contiguous in the row; the
+// last 32 columns of a row may be partial (K % 32 != 0).
+// False when a group's two indices are not distinct (its mask then has fewer bits than the
+// two values it stores): such a weight is corrupt, and the result would be wrong.
+template <class Ops, int R, int T>
+bool sp24_rows(const Sparse24View& w, const typename Ops::XT* x, int64_t n0,
+               float* sums) {
+  bool ok = true;
+  typename Ops::Acc acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = Ops::zero();
+  const int64_t k = w.k, mb = (k + 7) / 8, half = k / 2, full = k / 32;
+  const auto* vals = static_cast<const typename Ops::VT*>(w.values);
+  for (int64_t c = 0; c < full; ++c) {
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const uint32_t m = meta24_word(w.meta + (n0 + i) * mb + c * 4);
+      ok &= __builtin_popcount(m) == 16;
+      const typename Ops::VT* p = vals + (n0 + i) * half + c * 16;
+      const typename Ops::W e = Ops::decode_exact(m, p);
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, x + (c * T + t) * 32);
+    }
+  }
+  if (k % 32) {
+    const int cols = int(k - full * 32);
+    for (int i = 0; i < R; ++i) {
+      const uint32_t m = meta24_mask(w.meta + (n0 + i) * mb, full * 32, cols);
+      ok &= __builtin_popcount(m) == cols / 2;
+      const typename Ops::VT* p = vals + (n0 + i) * half + full * 16;
+      const typename Ops::W e = Ops::decode_exact(m, p);
+      for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, x + (full * T + t) * 32);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) sums[i * T + t] = Ops::sum(acc[i][t]);
+  return ok;
+}
+
+template <class Ops, int R, int T>
+bool sp24_span(DType dtype, const Sparse24View& w, const Activations& x, const void* bias,
+               void* y, int64_t ldy, int64_t row_begin, int64_t row_end) {
+  const auto* xs = static_cast<const typename Ops::XT*>(x.data);
+  float sums[R * T];
+  int64_t n = row_begin;
+  for (; n + R <= row_end; n += R) {
+    if (!sp24_rows<Ops, R, T>(w, xs, n, sums)) return false;
+    for (int i = 0; i < R; ++i) store_row(dtype, sums + i * T, T, bias, y, ldy, n + i);
+  }
+  for (; n < row_end; ++n) {  // fewer than R rows left
+    if (!sp24_rows<Ops, 1, T>(w, xs, n, sums)) return false;
+    store_row(dtype, sums, T, bias, y, ldy, n);
+  }
+  return true;
+}
+
+// Rows per group for T tokens: as many as keep R * T <= max accumulators (a power of two).
+constexpr int group_rows(int max_acc, int tokens) {
+  int r = 16;
+  while (r > 1 && r * tokens > max_acc) r /= 2;
+  return r;
+}
+
+// Runs F::template run<R, T>(args...) for the runtime token count (1..kMaxTokens).
+template <class Ops, class F, class... A>
+bool by_tokens(int tokens, A&&... a) {
+  switch (tokens) {
+#define OWL_CASE(T) \
+  case T: return F::template run<Ops, group_rows(Ops::kMaxAcc, T), T>(a...);
+    OWL_CASE(1) OWL_CASE(2) OWL_CASE(3) OWL_CASE(4) OWL_CASE(5) OWL_CASE(6) OWL_CASE(7)
+    OWL_CASE(8) OWL_CASE(9) OWL_CASE(10) OWL_CASE(11) OWL_CASE(12) OWL_CASE(13) OWL_CASE(14)
+    OWL_CASE(15) OWL_CASE(16)
+#undef OWL_CASE
+    default: return false;
+  }
+}
+
+struct BitmapRun {
+  template <class Ops, int R, int T, class... A>
+  static bool run(A&&... a) { return bitmap_strips<Ops, R, T>(a...); }
+};
+
+struct Sp24Run {
+  template <class Ops, int R, int T, class... A>
+  static bool run(A&&... a) { return sp24_span<Ops, R, T>(a...); }
+};
+
+template <class Ops>
+bool bitmap_unpack(const BitmapView& w, int64_t row_begin, int64_t row_end, void* panel,
+                   int64_t ldp) {
+  const int64_t nct = w.col_tiles(), wpr = nct * 4;
+  const auto* bm = reinterpret_cast<const uint32_t*>(w.bitmap);
+  const auto* vals = static_cast<const typename Ops::VT*>(w.values);
+  const typename Ops::VT* end = vals + w.nnz();
+  auto* out = static_cast<typename Ops::VT*>(panel);
+  for (int64_t s = row_begin / kTileN; s * kTileN < row_end; ++s) {
+    for (int64_t ct = 0; ct < nct; ++ct) {
+      const int64_t tile = s * nct + ct;
+      if (w.tile_offsets[tile] < 0 || w.tile_offsets[tile] > w.nnz()) return false;
+      const typename Ops::VT* p = vals + w.tile_offsets[tile];
+      for (int r = 0; r < kTileN; ++r) {
+        const int64_t n = s * kTileN + r;
+        for (int k = 0; k < 4; ++k) {
+          const int64_t col = ct * kTileK + k * 32;
+          const uint32_t m = bm[n * wpr + ct * 4 + k];
+          if (p + __builtin_popcount(m) > end) return false;
+          const typename Ops::W e = Ops::decode(m, p);
+          if (n < row_end && col < w.k)
+            Ops::store(e, out + (n - row_begin) * ldp + col, int(w.k - col < 32 ? w.k - col : 32));
+        }
+      }
+      if (p != vals + w.tile_offsets[tile + 1]) return false;
+    }
+  }
+  return true;
+}
+
+template <class Ops>
+bool sp24_unpack(const Sparse24View& w, int64_t row_begin, int64_t row_end, void* panel,
+                 int64_t ldp) {
+  const int64_t k = w.k, mb = (k + 7) / 8, half = k / 2;
+  const auto* vals = static_cast<const typename Ops::VT*>(w.values);
+  auto* out = static_cast<typename Ops::VT*>(panel);
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    const typename Ops::VT* p = vals + n * half;
+    for (int64_t col = 0; col < k; col += 32) {
+      const int cols = int(k - col < 32 ? k - col : 32);
+      const uint32_t m = meta24_mask(w.meta + n * mb, col, cols);
+      if (__builtin_popcount(m) != cols / 2) return false;
+      const typename Ops::W e = Ops::decode_exact(m, p);
+      Ops::store(e, out + (n - row_begin) * ldp + col, cols);
+    }
+  }
+  return true;
+}
+
+}  // namespace loops
+}  // namespace
+
+// The four entry points of one ISA, given its Ops per dtype (F32, F16, BF16).
+#define OWL_CPU_ENTRY_POINTS(F32, F16, BF16, COPY32, COPY16)                                                    \
+  bool bitmap_linear(DType dtype, const BitmapView& w, const Activations& x, const void* bias, \
+                     void* y, int64_t ldy, int64_t r0, int64_t r1, int32_t* scratch) {         \
+    if (dtype == DType::kFloat32)                                                               \
+      return loops::by_tokens<F32, loops::BitmapRun>(x.tokens, dtype, w, x, bias, y, ldy, r0, r1, scratch); \
+    else if (dtype == DType::kFloat16)                                                          \
+      return loops::by_tokens<F16, loops::BitmapRun>(x.tokens, dtype, w, x, bias, y, ldy, r0, r1, scratch); \
+    else                                                                                        \
+      return loops::by_tokens<BF16, loops::BitmapRun>(x.tokens, dtype, w, x, bias, y, ldy, r0, r1, scratch); \
+  }                                                                                             \
+  bool sparse24_linear(DType dtype, const Sparse24View& w, const Activations& x,               \
+                       const void* bias, void* y, int64_t ldy, int64_t r0, int64_t r1) {       \
+    if (dtype == DType::kFloat32)                                                               \
+      return loops::by_tokens<F32, loops::Sp24Run>(x.tokens, dtype, w, x, bias, y, ldy, r0, r1);     \
+    else if (dtype == DType::kFloat16)                                                          \
+      return loops::by_tokens<F16, loops::Sp24Run>(x.tokens, dtype, w, x, bias, y, ldy, r0, r1);     \
+    else                                                                                        \
+      return loops::by_tokens<BF16, loops::Sp24Run>(x.tokens, dtype, w, x, bias, y, ldy, r0, r1);    \
+  }                                                                                             \
+  bool bitmap_unpack(DType dtype, const BitmapView& w, int64_t r0, int64_t r1, void* panel,     \
+                     int64_t ldp) {                                                             \
+    if (dtype == DType::kFloat32) return loops::bitmap_unpack<COPY32>(w, r0, r1, panel, ldp);   \
+    return loops::bitmap_unpack<COPY16>(w, r0, r1, panel, ldp);                                 \
+  }                                                                                             \
+  bool sparse24_unpack(DType dtype, const Sparse24View& w, int64_t r0, int64_t r1, void* panel, \
+                       int64_t ldp) {                                                           \
+    if (dtype == DType::kFloat32) return loops::sp24_unpack<COPY32>(w, r0, r1, panel, ldp);     \
+    return loops::sp24_unpack<COPY16>(w, r0, r1, panel, ldp);                                   \
+  }
+
+}  // namespace owl_cpu

@@ -1,0 +1,520 @@
+// The CPU implementation of the ops owl_sparse::bitmap_linear / sparse24_linear (defined in
+// owl_sparse/ops/library.py), registered for the CPU dispatch key, and the small library
+// owl_sparse_cpu that configures it from Python:
+//
+//   owl_sparse_cpu::isa() -> str                 the instruction set the kernels use
+//   owl_sparse_cpu::supported_isas() -> str[]    every one this CPU can run
+//   owl_sparse_cpu::set_isa(str isa) -> ()       force one ("" = the best supported)
+//   owl_sparse_cpu::set_backend(str fmt, str backend) -> ()
+//                                                force "sparse" or "dense" ("" = the table)
+//   owl_sparse_cpu::set_table(str[] fmt, str[] dtype, int[] n, int[] k, int[] tokens,
+//                             float[] sparsity, str[] backend) -> ()
+//                                                the measured dispatch table of this ISA
+//   owl_sparse_cpu::choose(str fmt, str dtype, int n, int k, int tokens, float sparsity)
+//                                                -> str[]  [backend, reason]
+//   owl_sparse_cpu::unpack_bitmap(bitmap, values, tile_offsets, int n, int k) -> Tensor
+//   owl_sparse_cpu::unpack_sparse24(values, meta) -> Tensor
+//   owl_sparse_cpu::set_poison(bool on) -> ()    tests: outputs start as NaN
+//   owl_sparse_cpu::read_bandwidth(Tensor t, int repeats) -> float   GB/s reading t
+//
+// Backends: "sparse" runs the kernels of kernels.h on the packed bytes, <= 16 tokens per
+// pass; "dense" unpacks 16-row strips into a cache-sized panel (one per thread, reused by
+// every layer) and multiplies it with torch's GEMM, so no call ever holds a dense copy of a
+// whole layer.  The choice: forced backend, else the measured table (same lookup rules as
+// owl_sparse/ops/dispatch.py), else sparse up to 16 tokens and dense beyond.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../torch_check.h"
+#include "kernels.h"
+
+namespace {
+
+using owl_cpu::Isa;
+
+constexpr int64_t kValuesPad = 16;          // formats/bitmap.py VALUES_PAD
+constexpr int64_t kPanelBytes = 4 << 20;    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM
+
+std::atomic<int> g_forced_isa{-1};
+std::atomic<bool> g_poison{false};  // tests: fill outputs with NaN before the kernels write
+std::atomic<int> g_forced_backend[2] = {{-1}, {-1}};  // per format: -1 table, 0 sparse, 1 dense
+
+Isa active_isa() {
+  static const Isa detected = owl_cpu::detect_isa();
+  const int forced = g_forced_isa.load(std::memory_order_relaxed);
+  return forced >= 0 ? Isa(forced) : detected;
+}
+
+owl_cpu::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return owl_cpu::DType::kFloat32;
+    case at::kBFloat16: return owl_cpu::DType::kBFloat16;
+    default: return owl_cpu::DType::kFloat16;
+  }
+}
+
+// dtype names as Python spells them (torch.int32), not c10's ("Int").
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    case at::kDouble: return "float64";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kShort: return "int16";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+// ------------------------------------------------------------------ dispatch table
+struct Entry {
+  int fmt;  // 0 bitmap, 1 2:4
+  std::string dtype;
+  int64_t n, k, tokens;
+  double sparsity;
+  int backend;  // 0 sparse, 1 dense
+};
+
+std::mutex g_table_mutex;
+std::shared_ptr<const std::vector<Entry>> g_table = std::make_shared<std::vector<Entry>>();
+
+std::shared_ptr<const std::vector<Entry>> table() {
+  std::lock_guard<std::mutex> lock(g_table_mutex);
+  return g_table;
+}
+
+int64_t token_bucket(int64_t t) {
+  int64_t b = 1;
+  while (b < t) b <<= 1;
+  return b;
+}
+
+int format_index(const std::string& fmt) {
+  OWL_CHECK_VALUE(fmt == "bitmap" || fmt == "2:4", "unknown format '", fmt.c_str(),
+                  "': expected 'bitmap' or '2:4'");
+  return fmt == "bitmap" ? 0 : 1;
+}
+
+int backend_index(const std::string& name) {
+  OWL_CHECK_VALUE(name == "sparse" || name == "dense", "unknown CPU backend '", name.c_str(),
+                  "': expected 'sparse' or 'dense'");
+  return name == "sparse" ? 0 : 1;
+}
+
+struct Choice {
+  int backend;
+  std::string why;
+};
+
+Choice choose_backend(int fmt, const std::string& dtype, int64_t n, int64_t k, int64_t tokens,
+                      double sparsity) {
+  const int forced = g_forced_backend[fmt].load(std::memory_order_relaxed);
+  if (forced >= 0) return {forced, "forced"};
+  const int64_t bucket = token_bucket(tokens);
+  const auto entries = table();
+  // The shape itself, else the nearest measured one within 2x (|log2 N/N'| + |log2 K/K'| <= 1).
+  const Entry* best = nullptr;
+  double best_shape = 1.0 + 1e-9, best_sp = 0;
+  for (const Entry& e : *entries) {
+    if (e.fmt != fmt || e.dtype != dtype || e.tokens != bucket) continue;
+    const double d = std::fabs(std::log2(double(n) / e.n)) + std::fabs(std::log2(double(k) / e.k));
+    const double ds = std::fabs(e.sparsity - sparsity);
+    if (d < best_shape - 1e-12 || (std::fabs(d - best_shape) <= 1e-12 && ds < best_sp)) {
+      best = &e, best_shape = d, best_sp = ds;
+    }
+  }
+  if (best != nullptr) {
+    char why[160];
+    std::snprintf(why, sizeof(why), "table %s %lldx%lld, %lld tokens, sparsity %.3f",
+                  owl_cpu::isa_name(active_isa()), (long long)best->n, (long long)best->k,
+                  (long long)best->tokens, best->sparsity);
+    return {best->backend, why};
+  }
+  const std::string rule = std::string("cpu ") + owl_cpu::isa_name(active_isa()) + " default rule: ";
+  if (tokens <= owl_cpu::kMaxTokens) return {0, rule + "sparse kernel up to 16 tokens"};
+  return {1, rule + "dense panels beyond 16 tokens"};
+}
+
+// ------------------------------------------------------------------ checks
+
+void check_x(const at::Tensor& x, const at::Tensor& values, int64_t n, int64_t k,
+             const char* fmt) {
+  OWL_CHECK_VALUE(x.device().is_cpu(), fmt, ": x must be a CPU tensor, got ", x.device());
+  OWL_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "x has shape ", x.sizes(), " but the ", fmt,
+                  " weight is [", n, ", ", k, "]: the last dim must be ", k);
+  OWL_CHECK_VALUE(x.scalar_type() == values.scalar_type(), "x dtype ",
+                  dtype_name(x.scalar_type()), " does not match the packed weight dtype ",
+                  dtype_name(values.scalar_type()));
+}
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                  std::vector<int64_t> shape) {
+  OWL_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  OWL_CHECK_VALUE(t.scalar_type() == dtype, name, " must have dtype ", dtype_name(dtype),
+                  ", got ", dtype_name(t.scalar_type()));
+  OWL_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), name, " must have shape ",
+                  at::IntArrayRef(shape), ", got ", t.sizes());
+  OWL_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (shape ", t.sizes(), ")");
+}
+
+void check_values(const at::Tensor& v, const char* name) {
+  OWL_CHECK_VALUE(v.device().is_cpu(), name, " must be a CPU tensor, got ", v.device());
+  const auto t = v.scalar_type();
+  OWL_CHECK_VALUE(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, name,
+                  " must be float32, bfloat16 or float16, got ", dtype_name(t));
+  OWL_CHECK_VALUE(v.is_contiguous(), name, " must be contiguous (shape ", v.sizes(), ")");
+}
+
+at::Tensor checked_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& values,
+                        int64_t n) {
+  if (!bias.has_value()) return at::Tensor();
+  const at::Tensor& b = *bias;
+  OWL_CHECK_VALUE(b.device().is_cpu() && b.dim() == 1 && b.size(0) == n &&
+                      b.scalar_type() == values.scalar_type(),
+                  "bias must be [", n, "] ", dtype_name(values.scalar_type()), " on cpu, got ", b.sizes(),
+                  " ", dtype_name(b.scalar_type()), " on ", b.device());
+  return b.contiguous();
+}
+
+owl_cpu::BitmapView bitmap_view(const at::Tensor& bitmap, const at::Tensor& values,
+                                const at::Tensor& offsets, int64_t n, int64_t k) {
+  OWL_CHECK_VALUE(n >= 1 && k >= 1, "bitmap: N and K must be positive, got N=", n, ", K=", k);
+  const int64_t np = (n + 15) / 16 * 16, kp = (k + 127) / 128 * 128;
+  OWL_CHECK_VALUE(np * kp < (int64_t(1) << 31), "bitmap: weight [", n, ", ", k,
+                  "] too large (int32 offsets)");
+  check_tensor(bitmap, "bitmap.bitmap", at::kInt, {np, kp / 32});
+  check_values(values, "bitmap.values");
+  OWL_CHECK_VALUE(values.dim() == 1 && values.numel() >= kValuesPad,
+                  "bitmap.values must be 1-D with at least ", kValuesPad, " elements, got ",
+                  values.sizes());
+  const int64_t tiles = (np / 16) * (kp / 128);
+  check_tensor(offsets, "bitmap.tile_offsets", at::kInt, {tiles + 1});
+  const int64_t nnz = values.numel() - kValuesPad;
+  const int32_t last = offsets.data_ptr<int32_t>()[tiles];
+  OWL_CHECK_VALUE(last == nnz, "bitmap.tile_offsets ends at ", int64_t(last), " but values hold ",
+                  nnz, " kept entries (+", kValuesPad, " padding)");
+  owl_cpu::BitmapView w{bitmap.data_ptr<int32_t>(), values.data_ptr(),
+                        offsets.data_ptr<int32_t>(), n, k};
+  w.nnz_count = nnz;
+  return w;
+}
+
+owl_cpu::Sparse24View sparse24_view(const at::Tensor& values, const at::Tensor& meta) {
+  check_values(values, "sparse24.values");
+  OWL_CHECK_VALUE(values.dim() == 2 && values.size(0) >= 1 && values.size(1) >= 2 &&
+                      values.size(1) % 2 == 0,
+                  "sparse24.values must be [N, K/2] with N >= 1 and K % 4 == 0, got ",
+                  values.sizes());
+  const int64_t n = values.size(0), k = 2 * values.size(1);
+  check_tensor(meta, "sparse24.meta", at::kByte, {n, (k + 7) / 8});
+  return owl_cpu::Sparse24View{values.data_ptr(), meta.data_ptr<uint8_t>(), n, k};
+}
+
+void fail_corrupt(const char* fmt) {
+  OWL_CHECK_VALUE(false, fmt,
+                  ": the packed weight is inconsistent (bitmap: popcounts that disagree with "
+                  "tile_offsets; 2:4: a group whose two indices are equal); validate() names "
+                  "the first bad entry");
+}
+
+// ------------------------------------------------------------------ the two backends
+// run(r0, r1) over rows [0, rows) in pieces of `unit` rows (the last may be shorter), the
+// pieces shared out among torch's threads; an inconsistent weight is a ValueError.
+template <class Run>
+void over_rows(int64_t rows, int64_t unit, const Run& run, const char* fmt) {
+  const int64_t units = (rows + unit - 1) / unit;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e && ok.load(std::memory_order_relaxed); ++u)
+      if (!run(u * unit, std::min((u + 1) * unit, rows))) ok.store(false);
+  });
+  if (!ok.load()) fail_corrupt(fmt);
+}
+
+// Sparse: <= 16 tokens per pass over the packed bytes.
+template <class View, class Kernel>
+void run_sparse(const View& w, int64_t unit, const at::Tensor& x2d, const at::Tensor& bias,
+                at::Tensor& y, const char* fmt, const Kernel& kernel) {
+  const Isa isa = active_isa();
+  const auto dtype = kernel_dtype(x2d.scalar_type());
+  const int64_t ld = w.padded_k(), tokens = x2d.size(0);
+  thread_local std::vector<uint8_t> acts;  // the caller's; workers only read it
+  for (int64_t t0 = 0; t0 < tokens; t0 += owl_cpu::kMaxTokens) {
+    const int t = int(std::min<int64_t>(owl_cpu::kMaxTokens, tokens - t0));
+    acts.resize(owl_cpu::activation_bytes(isa, dtype, t, ld));
+    const auto* xp = static_cast<const char*>(x2d.data_ptr()) + t0 * x2d.stride(0) * x2d.element_size();
+    const owl_cpu::Activations a = owl_cpu::prepare_activations(
+        isa, dtype, xp, t, w.k, x2d.stride(0), acts.data(), ld);
+    char* yp = static_cast<char*>(y.data_ptr()) + t0 * w.n * y.element_size();
+    const void* bp = bias.defined() ? bias.data_ptr() : nullptr;
+    over_rows(w.n, unit, [&](int64_t r0, int64_t r1) {
+      return kernel(isa, dtype, w, a, bp, yp, r0, r1);
+    }, fmt);
+  }
+}
+
+// A grow-only, 64-byte aligned buffer (the dense backend's panel): allocated once per
+// calling thread, reused by every layer and every call.
+class Buffer {
+ public:
+  void* get(size_t bytes) {
+    if (bytes > size_) {
+      data_.reset(static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
+      size_ = data_ ? bytes : 0;
+      OWL_CHECK(data_ != nullptr, "out of memory for a ", int64_t(bytes), "-byte panel");
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  std::unique_ptr<char, Free> data_;
+  size_t size_ = 0;
+};
+
+// Dense: panel by panel, unpack the panel's rows (all threads), then one GEMM into y's
+// columns (torch's threads again): never more than one panel of dense weights exists.
+template <class View, class Unpack>
+void run_dense(const View& w, const at::Tensor& x2d, const at::Tensor& bias, at::Tensor& y,
+               const char* fmt, const Unpack& unpack) {
+  const Isa isa = active_isa();
+  const auto dtype = kernel_dtype(x2d.scalar_type());
+  const int64_t rows = std::clamp<int64_t>(
+      kPanelBytes / (w.k * x2d.element_size()) / 16 * 16, 16, (w.n + 15) / 16 * 16);
+  const at::Tensor x = x2d.stride(1) == 1 ? x2d : x2d.contiguous();
+  thread_local Buffer buffer;
+  char* panel = static_cast<char*>(buffer.get(size_t(rows * w.k) * x.element_size()));
+  for (int64_t r0 = 0; r0 < w.n; r0 += rows) {
+    const int64_t r1 = std::min(w.n, r0 + rows);
+    over_rows(r1 - r0, 16, [&](int64_t a, int64_t b) {
+      return unpack(isa, dtype, w, r0 + a, r0 + b, panel + a * w.k * x.element_size(), w.k);
+    }, fmt);
+    const at::Tensor p = at::from_blob(panel, {r1 - r0, w.k}, x.options());
+    at::Tensor o = y.narrow(1, r0, r1 - r0);
+    if (bias.defined())
+      at::addmm_out(o, bias.narrow(0, r0, r1 - r0), x, p.t());
+    else
+      at::mm_out(o, x, p.t());
+  }
+}
+
+at::Tensor output_for(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor y = at::empty(shape, x.options());
+  if (g_poison.load(std::memory_order_relaxed)) y.fill_(std::nan(""));
+  return y;
+}
+
+at::Tensor as_rows(const at::Tensor& x, int64_t k) {
+  at::Tensor x2d = x.reshape({-1, k});
+  return x2d.stride(1) == 1 ? x2d : x2d.contiguous();
+}
+
+// ------------------------------------------------------------------ the ops
+at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& values,
+                         const at::Tensor& tile_offsets, const c10::optional<at::Tensor>& bias,
+                         int64_t n, int64_t k) {
+  const owl_cpu::BitmapView w = bitmap_view(bitmap, values, tile_offsets, n, k);
+  check_x(x, values, n, k, "bitmap");
+  const at::Tensor b = checked_bias(bias, values, n);
+  at::Tensor y = output_for(x, n);
+  const at::Tensor x2d = as_rows(x, k);
+  at::Tensor y2d = y.view({-1, n});
+  const int64_t tokens = x2d.size(0);
+  if (tokens == 0) return y;
+  const double sparsity = 1.0 - double(w.nnz()) / (double(n) * double(k));
+  if (choose_backend(0, dtype_name(x.scalar_type()), n, k, tokens, sparsity).backend == 0) {
+    run_sparse(w, 16, x2d, b, y2d, "bitmap",
+               [](Isa isa, owl_cpu::DType d, const owl_cpu::BitmapView& v,
+                  const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
+                 thread_local std::vector<int32_t> scratch;
+                 scratch.resize(size_t(v.col_tiles()));
+                 return owl_cpu::bitmap_linear(isa, d, v, a, bp, yp, v.n, r0, r1, scratch.data());
+               });
+  } else {
+    run_dense(w, x2d, b, y2d, "bitmap", owl_cpu::bitmap_unpack);
+  }
+  return y;
+}
+
+at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                           const c10::optional<at::Tensor>& bias) {
+  const owl_cpu::Sparse24View w = sparse24_view(values, meta);
+  check_x(x, values, w.n, w.k, "2:4");
+  const at::Tensor b = checked_bias(bias, values, w.n);
+  at::Tensor y = output_for(x, w.n);
+  const at::Tensor x2d = as_rows(x, w.k);
+  at::Tensor y2d = y.view({-1, w.n});
+  const int64_t tokens = x2d.size(0);
+  if (tokens == 0) return y;
+  if (choose_backend(1, dtype_name(x.scalar_type()), w.n, w.k, tokens, 0.5).backend == 0) {
+    run_sparse(w, 16, x2d, b, y2d, "2:4",
+               [](Isa isa, owl_cpu::DType d, const owl_cpu::Sparse24View& v,
+                  const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
+                 return owl_cpu::sparse24_linear(isa, d, v, a, bp, yp, v.n, r0, r1);
+               });
+  } else {
+    run_dense(w, x2d, b, y2d, "2:4", owl_cpu::sparse24_unpack);
+  }
+  return y;
+}
+
+at::Tensor unpack_bitmap(const at::Tensor& bitmap, const at::Tensor& values,
+                         const at::Tensor& tile_offsets, int64_t n, int64_t k) {
+  const owl_cpu::BitmapView w = bitmap_view(bitmap, values, tile_offsets, n, k);
+  at::Tensor out = at::empty({n, k}, values.options());
+  const Isa isa = active_isa();
+  const auto dtype = kernel_dtype(values.scalar_type());
+  over_rows(n, 16, [&](int64_t r0, int64_t r1) {
+    return owl_cpu::bitmap_unpack(isa, dtype, w, r0, r1,
+                                  static_cast<char*>(out.data_ptr()) + r0 * k * out.element_size(), k);
+  }, "bitmap");
+  return out;
+}
+
+at::Tensor unpack_sparse24(const at::Tensor& values, const at::Tensor& meta) {
+  const owl_cpu::Sparse24View w = sparse24_view(values, meta);
+  at::Tensor out = at::empty({w.n, w.k}, values.options());
+  const Isa isa = active_isa();
+  const auto dtype = kernel_dtype(values.scalar_type());
+  over_rows(w.n, 16, [&](int64_t r0, int64_t r1) {
+    return owl_cpu::sparse24_unpack(isa, dtype, w, r0, r1,
+                                    static_cast<char*>(out.data_ptr()) + r0 * w.k * out.element_size(),
+                                    w.k);
+  }, "2:4");
+  return out;
+}
+
+// ------------------------------------------------------------------ configuration ops
+const Isa kIsas[] = {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16};
+
+std::string isa() { return owl_cpu::isa_name(active_isa()); }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (Isa i : kIsas)
+    if (owl_cpu::isa_supported(i)) out.push_back(owl_cpu::isa_name(i));
+  return out;
+}
+
+void set_isa(const std::string& name) {
+  if (name.empty()) {
+    g_forced_isa.store(-1);
+    return;
+  }
+  for (Isa i : kIsas) {
+    if (name == owl_cpu::isa_name(i)) {
+      OWL_CHECK_VALUE(owl_cpu::isa_supported(i), "this CPU cannot run the '", name.c_str(),
+                      "' kernels");
+      g_forced_isa.store(int(i));
+      return;
+    }
+  }
+  OWL_CHECK_VALUE(false, "unknown instruction set '", name.c_str(),
+                  "': expected portable, avx2, avx512 or avx512_bf16");
+}
+
+void set_poison(bool on) { g_poison.store(on); }
+
+// Read bandwidth of this machine: GB/s of summing `t` (any dtype, contiguous) with torch's
+// threads, 8 independent 64-bit accumulators per thread (what a streaming kernel can get).
+double read_bandwidth(const at::Tensor& t, int64_t repeats) {
+  OWL_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous() && t.nbytes() % 64 == 0,
+                  "read_bandwidth needs a contiguous CPU tensor of a multiple of 64 bytes");
+  const auto* p = static_cast<const uint64_t*>(t.data_ptr());
+  const int64_t words = int64_t(t.nbytes() / 8);
+  std::atomic<uint64_t> sink{0};
+  double best = 0;
+  for (int64_t r = 0; r < repeats; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    at::parallel_for(0, words / 8, 4096, [&](int64_t b, int64_t e) {
+      uint64_t a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t i = b; i < e; ++i)
+        for (int j = 0; j < 8; ++j) a[j] += p[i * 8 + j];
+      sink.fetch_add(a[0] ^ a[1] ^ a[2] ^ a[3] ^ a[4] ^ a[5] ^ a[6] ^ a[7]);
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, double(t.nbytes()) / s / 1e9);
+  }
+  return sink.load() == 42 ? best + 0.0 : best;  // sink keeps the loads alive
+}
+
+void set_backend(const std::string& fmt, const std::string& backend) {
+  g_forced_backend[format_index(fmt)].store(backend.empty() ? -1 : backend_index(backend));
+}
+
+void set_table(const std::vector<std::string>& fmt, const std::vector<std::string>& dtype,
+               const std::vector<int64_t>& n, const std::vector<int64_t>& k,
+               const std::vector<int64_t>& tokens, const std::vector<double>& sparsity,
+               const std::vector<std::string>& backend) {
+  const size_t m = fmt.size();
+  OWL_CHECK_VALUE(dtype.size() == m && n.size() == m && k.size() == m && tokens.size() == m &&
+                      sparsity.size() == m && backend.size() == m,
+                  "set_table: every column must have ", int64_t(m), " entries");
+  auto entries = std::make_shared<std::vector<Entry>>();
+  for (size_t i = 0; i < m; ++i) {
+    OWL_CHECK_VALUE(n[i] >= 1 && k[i] >= 1 && tokens[i] >= 1 && token_bucket(tokens[i]) == tokens[i],
+                    "set_table: entry ", int64_t(i), " needs N, K >= 1 and power-of-two tokens");
+    entries->push_back({format_index(fmt[i]), dtype[i], n[i], k[i], tokens[i], sparsity[i],
+                        backend_index(backend[i])});
+  }
+  std::lock_guard<std::mutex> lock(g_table_mutex);
+  g_table = std::move(entries);
+}
+
+std::vector<std::string> choose(const std::string& fmt, const std::string& dtype, int64_t n,
+                                int64_t k, int64_t tokens, double sparsity) {
+  const Choice c = choose_backend(format_index(fmt), dtype, n, k, tokens, sparsity);
+  return {c.backend == 0 ? "sparse" : "dense", c.why};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(owl_sparse_cpu, m) {
+  m.def("isa() -> str", &isa);
+  m.def("supported_isas() -> str[]", &supported_isas);
+  m.def("set_isa(str isa) -> ()", &set_isa);
+  m.def("set_backend(str fmt, str backend) -> ()", &set_backend);
+  m.def("set_table(str[] fmt, str[] dtype, int[] n, int[] k, int[] tokens, float[] sparsity, "
+        "str[] backend) -> ()",
+        &set_table);
+  m.def("choose(str fmt, str dtype, int n, int k, int tokens, float sparsity) -> str[]", &choose);
+  m.def("unpack_bitmap(Tensor bitmap, Tensor values, Tensor tile_offsets, int n, int k) -> Tensor",
+        &unpack_bitmap);
+  m.def("unpack_sparse24(Tensor values, Tensor meta) -> Tensor", &unpack_sparse24);
+  m.def("set_poison(bool on) -> ()", &set_poison);
+  m.def("read_bandwidth(Tensor t, int repeats) -> float", &read_bandwidth);
+}
+
+TORCH_LIBRARY_IMPL(owl_sparse, CPU, m) {
+  m.impl("bitmap_linear", &bitmap_linear);
+  m.impl("sparse24_linear", &sparse24_linear);
+}
+
+// `import owl_sparse._cpu` (the setup.py build) loads this library, which registers the ops
+// above; the module itself is empty.  The JIT build is loaded as a plain library instead.
+extern "C" PyObject* PyInit__cpu(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_cpu", nullptr, -1, nullptr,
+                                   nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
+}

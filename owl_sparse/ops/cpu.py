@@ -1,0 +1,230 @@
+"""The CPU kernels (csrc/cpu/): loading, configuration, and what they run.
+
+Once loaded, the compiled library is the CPU implementation of the ops
+``owl_sparse::bitmap_linear`` / ``sparse24_linear`` (registered for torch's CPU dispatch key,
+so callers never choose and torch.compile keeps working). It picks, per call, one of two
+backends:
+
+- ``cpu_sparse``: kernels that read the packed bytes once per call for up to 16 tokens
+  (AVX-512 VBMI2 ``vpexpandw`` / AVX512_BF16 ``vdpbf16ps``, AVX2 shuffle tables, or plain
+  C++, chosen from the CPU's features at run time);
+- ``dense``: 16-row strips unpacked into a cache-sized panel per thread (reused by every
+  layer: no dense copy of a layer is ever kept) and multiplied by torch's GEMM.
+
+The choice: a forced backend (`force`, :func:`owl_sparse.ops.dispatch.force_backend`,
+``OWL_SPARSE_BACKEND``), else the measured table of this instruction set
+(``ops/tables/*.json`` whose device is ``cpu:<isa>``), else ``cpu_sparse`` up to 16 tokens and
+``dense`` beyond.
+
+Loading, once: ``owl_sparse._cpu`` when setup.py built it, else (on the first op call, never
+at import) a JIT build of csrc/cpu with ninja; ``OWL_SPARSE_NO_JIT=1`` forbids it. Where
+neither works the ops run the Python reference, and the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from .. import settings
+from ..errors import InputError
+from .table import table_entries
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent.parent.parent / "csrc" / "cpu"
+ISAS = settings.CPU_ISAS
+# Backend names as the dispatch tables and force_backend know them -> the library's.
+BACKENDS = {"cpu_sparse": "sparse", "dense": "dense"}
+_FORMATS = ("bitmap", "2:4")
+
+_lock = threading.RLock()  # _configure asks isa(), which asks load() again
+_state: dict = {
+    "tried_prebuilt": False,
+    "tried_jit": False,
+    "ok": False,
+    "how": None,
+    "error": None,
+}
+
+
+def _has_ops() -> bool:
+    return hasattr(torch.ops, "owl_sparse_cpu") and hasattr(torch.ops.owl_sparse_cpu, "isa")
+
+
+def _jit_build() -> None:
+    from torch.utils.cpp_extension import load as cpp_load
+
+    sources = sorted(str(p) for p in CSRC.glob("*.cpp"))
+    if not sources:
+        raise RuntimeError(f"no CPU kernel sources in {CSRC} (install from a source checkout)")
+    log.warning(
+        "owl-sparse: building the CPU kernels with ninja (first use only; cached in "
+        "TORCH_EXTENSIONS_DIR)"
+    )
+    cpp_load(
+        name="owl_sparse_cpu_jit",
+        sources=sources,
+        extra_include_paths=[str(CSRC.parent)],
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=settings.get().jit_verbose,
+    )
+
+
+def load(jit: bool = True) -> bool:
+    """Load the compiled CPU kernels once per process; True when they serve the ops.
+
+    ``jit=False`` only imports a prebuilt ``owl_sparse._cpu`` (cheap, done at import of
+    :mod:`owl_sparse.ops`); the JIT build waits for the first op call. Never raises.
+    """
+    with _lock:
+        if _state["ok"] or (_state["tried_jit"] or (not jit and _state["tried_prebuilt"])):
+            return _state["ok"]
+        try:
+            if not _has_ops() and not _state["tried_prebuilt"] and not settings.get().force_jit:
+                _state["tried_prebuilt"] = True
+                try:
+                    importlib.import_module("owl_sparse._cpu")
+                    _state["how"] = "prebuilt owl_sparse._cpu"
+                except ImportError as exc:
+                    _state["error"] = f"owl_sparse._cpu not built ({exc})"
+            if not _has_ops() and jit:
+                _state["tried_jit"] = True
+                if settings.get().no_jit:
+                    raise RuntimeError(
+                        f"{_state['error']}, and OWL_SPARSE_NO_JIT=1 forbids a JIT build"
+                    )
+                _jit_build()
+                _state["how"] = "jit"
+            if _has_ops():
+                _state["ok"] = True
+                _configure()
+                log.info("owl-sparse CPU kernels loaded (%s, %s)", _state["how"], isa())
+        except Exception as exc:  # any failure means "unavailable", reported once
+            _state["ok"] = False
+            _state["tried_jit"] = True
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "owl-sparse CPU kernels unavailable (%s); the ops run the slow Python reference",
+                _state["error"],
+            )
+    return _state["ok"]
+
+
+def available() -> bool:
+    """True when the compiled CPU kernels serve the ops (loads them on first call)."""
+    return load()
+
+
+def status() -> dict:
+    """How the kernels were loaded, or why not: ``{"ok", "how", "error", ...}``."""
+    return dict(_state)
+
+
+def _configure() -> None:
+    """Push the settings and this ISA's measured table into the library."""
+    lib = torch.ops.owl_sparse_cpu
+    chosen = settings.get().cpu_isa
+    if chosen:
+        if chosen not in lib.supported_isas():
+            raise InputError(
+                f"OWL_SPARSE_CPU_ISA={chosen}: this CPU runs {list(lib.supported_isas())}"
+            )
+        lib.set_isa(chosen)
+    for fmt in _FORMATS:
+        forced = settings.get().forced_backend(fmt)
+        lib.set_backend(fmt, BACKENDS.get(forced, "") if forced else "")
+    push_table()
+
+
+def isa() -> str:
+    """The instruction set the CPU kernels use ("avx512_bf16", "avx512", "avx2", "portable")."""
+    if not available():
+        raise RuntimeError(f"owl-sparse CPU kernels unavailable: {_state['error']}")
+    return str(torch.ops.owl_sparse_cpu.isa())
+
+
+def supported_isas() -> list[str]:
+    """Every instruction set this CPU can run the kernels with (tests force each)."""
+    return list(torch.ops.owl_sparse_cpu.supported_isas()) if available() else []
+
+
+def device_key() -> str:
+    """The dispatch tables' device name for this CPU: ``cpu:<isa>``."""
+    return f"cpu:{isa()}"
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Run the kernels with instruction set ``name`` inside the block (tests, benchmarks)."""
+    if not available():
+        raise RuntimeError(f"owl-sparse CPU kernels unavailable: {_state['error']}")
+    if name not in ISAS:
+        raise InputError(f"unknown instruction set {name!r}; expected one of {ISAS}")
+    before = isa()
+    torch.ops.owl_sparse_cpu.set_isa(name)
+    push_table()
+    try:
+        yield
+    finally:
+        torch.ops.owl_sparse_cpu.set_isa(before)
+        push_table()
+
+
+def force(fmt: str, backend: str | None) -> None:
+    """Make the CPU kernels run ``fmt`` through ``backend`` ("cpu_sparse" or "dense"; None:
+    the table decides again). Used by :func:`owl_sparse.ops.dispatch.force_backend`."""
+    if backend is not None and backend not in BACKENDS:
+        raise InputError(f"no CPU backend {backend!r}; CPU backends: {sorted(BACKENDS)}")
+    if available():
+        torch.ops.owl_sparse_cpu.set_backend(fmt, BACKENDS[backend] if backend else "")
+
+
+def choose(fmt: str, dtype: torch.dtype, n: int, k: int, tokens: int, sparsity: float):
+    """(backend, reason) the CPU kernels take for this call, or ("reference", why) when the
+    compiled kernels are unavailable."""
+    if not available():
+        return "reference", f"compiled CPU kernels unavailable ({_state['error']})"
+    name, why = torch.ops.owl_sparse_cpu.choose(
+        fmt, str(dtype).removeprefix("torch."), int(n), int(k), int(tokens), float(sparsity)
+    )
+    backend = "cpu_sparse" if name == "sparse" else "dense"
+    return backend, why
+
+
+def push_table() -> None:
+    """Load the measured entries of this CPU's instruction set into the library."""
+    entries = table_entries(device_key())
+    cols = {c: [] for c in ("fmt", "dtype", "n", "k", "tokens", "sparsity", "backend")}
+    for e in entries:
+        if e["backend"] not in BACKENDS:
+            continue
+        for c, v in (
+            ("fmt", e["fmt"]),
+            ("dtype", e["dtype"]),
+            ("n", e["N"]),
+            ("k", e["K"]),
+            ("tokens", e["tokens"]),
+            ("sparsity", e["sparsity"]),
+            ("backend", BACKENDS[e["backend"]]),
+        ):
+            cols[c].append(v)
+    torch.ops.owl_sparse_cpu.set_table(*cols.values())
+
+
+def dense_weight(packed) -> torch.Tensor:
+    """A freshly unpacked dense [N, K] copy of a CPU packed weight (not cached)."""
+    if available() and packed.device.type == "cpu":
+        if packed.fmt == "bitmap":
+            return torch.ops.owl_sparse_cpu.unpack_bitmap(
+                packed.bitmap, packed.values, packed.tile_offsets, packed.N, packed.K
+            )
+        return torch.ops.owl_sparse_cpu.unpack_sparse24(packed.values, packed.meta)
+    return packed.to_dense()
