@@ -214,7 +214,15 @@ def dispatch_entries(rows: list[dict]) -> list[dict]:
     ]
 
 
-def run(grid: str = "quick", budget_s: float | None = None, target_s: float = 0.3, seed: int = 0):
+def run(
+    grid: str = "quick",
+    budget_s: float | None = None,
+    target_s: float = 0.3,
+    seed: int = 0,
+    patterns: list[str] | None = None,
+    layers: list[str] | None = None,
+):
+    """Measure a grid (optionally only some patterns / layer names of it)."""
     from owl_sparse.ops import cpu
 
     if not cpu.available():
@@ -231,11 +239,15 @@ def run(grid: str = "quick", budget_s: float | None = None, target_s: float = 0.
         "rows": [],
         "skipped": [],
     }
-    for models, tokens, patterns, dtypes in GRIDS[grid]:
+    for models, tokens, grid_patterns, dtypes in GRIDS[grid]:
         for dtype in dtypes:
             for model in models:
                 for layer, n, k in SHAPES[model]:
-                    for pattern in patterns:
+                    if layers and layer not in layers:
+                        continue
+                    for pattern in grid_patterns:
+                        if patterns and pattern not in patterns:
+                            continue
                         if deadline.expired():
                             doc["skipped"].append(f"{model} {layer} {dtype} {pattern}")
                             continue
@@ -319,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_cpu", description=__doc__.splitlines()[0])
     p.add_argument("--grid", choices=sorted(GRIDS), default="quick")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new shapes after")
+    csv = lambda s: [x for x in s.split(",") if x]
+    p.add_argument("--patterns", type=csv, default=None, help="only these, e.g. 70%%,2:4")
+    p.add_argument("--layers", type=csv, default=None, help="only these, e.g. q/k/v/o")
     p.add_argument("--target-s", type=float, default=0.3, help="seconds of timing per measurement")
     p.add_argument("--out", default=None, help="write <out>.json, <out>.md and <out>.png")
     p.add_argument(
@@ -332,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    doc = run(args.grid, args.budget_s, args.target_s)
+    doc = run(args.grid, args.budget_s, args.target_s, patterns=args.patterns, layers=args.layers)
     from owl_sparse.ops import cpu, dispatch
 
     table = args.table_out

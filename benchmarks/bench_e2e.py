@@ -28,6 +28,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -42,16 +43,12 @@ from benchmarks.common import (
     markdown_table,
     peak_memory_bytes,
     peak_memory_reset,
+    sync,
     write_json,
 )
 from benchmarks.e2e_models import RANDOM_CONFIGS, REAL_MODELS, TARGET, build
 
 VARIANTS = ("dense", "bitmap-70", "2:4")
-CPU_NOTE = (
-    "\n\nOn the CPU the sparse ops run their reference implementation (a cached dense "
-    "weight), so no speed-up is expected: the table shows that prune -> pack -> serve works "
-    "and the memory it saves.  Speed numbers come from the GPU suite."
-)
 
 
 def weight_bytes(model) -> dict:
@@ -67,30 +64,70 @@ def weight_bytes(model) -> dict:
     return {"total": total, "linear": linear}
 
 
-def measure(model, device, args, gen) -> dict:
-    """Decode tokens/s per batch size, then prefill time; peak memory of each phase."""
+LOOPS = {  # name -> generate_ids arguments
+    "default": {},  # CUDA graph on CUDA, torch.compile on the CPU
+    "eager": {"cuda_graphs": False, "compile_step": False},
+}
+
+
+def linear_step_s(model, batch: int, device, reps: int = 15) -> float:
+    """Seconds one decode step of ``batch`` rows spends in the linear layers: every linear
+    layer (nn.Linear or SparseLinear, the LM head included) run alone, in model order, on a
+    [batch, 1, in_features] input; the median of ``reps`` passes over all of them."""
+    from owl_sparse.nn import SparseLinear
+
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear | SparseLinear)]
+    dtype = model.get_input_embeddings().weight.dtype
+    xs = [torch.randn(batch, 1, m.in_features, dtype=dtype, device=device) for m in layers]
+    times = []
+    with torch.inference_mode():
+        for layer, x in zip(layers, xs):  # warm-up
+            layer(x)
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            for layer, x in zip(layers, xs):
+                layer(x)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(model, device, args, gen, loop: str = "default") -> dict:
+    """Decode tokens/s per batch size (and the share of a step outside the linear layers),
+    then prefill time (time to the first token); peak memory of each phase."""
     from owl_sparse.ops import dense as dense_cache
     from owl_sparse.ops import dispatch
     from owl_sparse.serve import generate_ids
 
     vocab = model.config.vocab_size
-    out = {"decode": {}, "weights": weight_bytes(model)}
-    peak_memory_reset(device)
+    out = {"decode": {}, "weights": weight_bytes(model), "loop": loop}
     for batch in args.batches:
         prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=gen).tolist()
+        t0 = time.perf_counter()
         runs = [
-            generate_ids(model, prompts, max_new_tokens=args.new_tokens, stop_at_eos=False)
+            generate_ids(
+                model, prompts, max_new_tokens=args.new_tokens, stop_at_eos=False, **LOOPS[loop]
+            )
             for _ in range(args.repeats)
         ]
+        first_run_s = time.perf_counter() - t0
         r = max(runs, key=lambda run: run.decode_tokens_per_s)  # best of the repeats
         timed = r.step_s[len(r.step_s) - r.timed_steps :]
+        step = statistics.median(timed) if timed else None
+        linear = linear_step_s(model, batch, device) if step else None
         out["decode"][str(batch)] = {
             "tokens_per_s": r.decode_tokens_per_s,
-            "step_ms_median": statistics.median(timed) * 1e3 if timed else None,
+            "step_ms_median": step * 1e3 if step else None,
+            "linear_ms": linear * 1e3 if linear else None,
+            "outside_linear_share": max(0.0, 1 - linear / step) if step else None,
+            "first_step_ms": r.step_s[0] * 1e3 if r.step_s else None,  # includes compiling
+            "runs_s": first_run_s,
             "cuda_graph": r.cuda_graph,
             "graph_error": r.graph_error,
+            "compiled": r.compiled,
+            "compile_error": r.compile_error,
         }
-    out["peak_decode_bytes"] = peak_memory_bytes(device)
     sparse = next((m for m in model.modules() if type(m).__name__ == "SparseLinear"), None)
     if sparse is not None and torch.device(device).type == "cuda":
         x = torch.zeros(1, sparse.in_features, device=device, dtype=sparse.values.dtype)
@@ -98,7 +135,8 @@ def measure(model, device, args, gen) -> dict:
     prompt = torch.randint(0, vocab, (1, args.prefill), generator=gen).tolist()
     times = []
     for _ in range(args.prefill_reps):
-        times.append(generate_ids(model, prompt, max_new_tokens=1, stop_at_eos=False).prefill_s)
+        r = generate_ids(model, prompt, max_new_tokens=1, stop_at_eos=False, **LOOPS[loop])
+        times.append(r.prefill_s)
     out["prefill_s"] = statistics.median(times[1:] if len(times) > 1 else times)
     out["peak_bytes"] = peak_memory_bytes(device)
     out["dense_cache_bytes"] = dense_cache.dense_cache_bytes()
@@ -132,16 +170,18 @@ def run(args) -> dict:
             dense_cache.clear_dense_cache()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            peak_memory_reset(device)  # the peak covers load (-> prune -> pack) -> serve
             model, notes = build(model_name, variant, device, dtype, args)
-            gen = torch.Generator().manual_seed(args.seed)
-            row = {
-                "model": model_name,
-                "variant": variant,
-                "dtype": str(dtype)[6:],
-                **notes,
-                **measure(model, device, args, gen),
-            }
-            results.append(row)
+            for loop in args.loops:
+                gen = torch.Generator().manual_seed(args.seed)
+                row = {
+                    "model": model_name,
+                    "variant": variant,
+                    "dtype": str(dtype)[6:],
+                    **notes,
+                    **measure(model, device, args, gen, loop),
+                }
+                results.append(row)
             if args.save_owl_profile and variant == "bitmap-70" and "block_sparsities" in notes:
                 write_json(
                     args.save_owl_profile,
@@ -169,14 +209,23 @@ def _settings(args) -> dict:
         "dtype",
         "repeats",
         "threads",
+        "loops",
     )
     return {k: getattr(args, k) for k in keys}
 
 
 def _add_speedups(results: list[dict]) -> None:
-    dense = {r["model"]: r for r in results if r["variant"] == "dense"}
+    """Speed-ups over dense in the same loop (and, for a compiled loop, over dense eager)."""
+    dense = {(r["model"], r["loop"]): r for r in results if r["variant"] == "dense"}
     for r in results:
-        d = dense.get(r["model"])
+        eager = dense.get((r["model"], "eager"))
+        if eager is not None:
+            r["decode_speedup_vs_dense_eager"] = {
+                b: v["tokens_per_s"] / eager["decode"][b]["tokens_per_s"]
+                for b, v in r["decode"].items()
+                if eager["decode"].get(b, {}).get("tokens_per_s")
+            }
+        d = dense.get((r["model"], r["loop"]))
         if d is None:
             continue
         r["weight_ratio"] = r["weights"]["total"] / d["weights"]["total"]
@@ -192,27 +241,39 @@ def _add_speedups(results: list[dict]) -> None:
 def table_rows(doc: dict) -> tuple[list[str], list[list]]:
     batches = doc["settings"]["batches"]
     headers = (
-        ["model", "variant", "weights MiB", "x dense", f"prefill {doc['settings']['prefill']} ms"]
+        [
+            "model",
+            "variant",
+            "loop",
+            "weights MiB",
+            "x dense",
+            f"prefill {doc['settings']['prefill']} ms",
+        ]
         + [f"tok/s b{b}" for b in batches]
         + [f"speed-up b{b}" for b in batches]
-        + ["peak MiB decode", "peak MiB all", "graph"]
+        + [f"outside linear b{b}" for b in batches]
+        + ["peak MiB"]
     )
     rows = []
     for r in doc["results"]:
         graph = all(v["cuda_graph"] for v in r["decode"].values())
-        peaks = [r.get("peak_decode_bytes"), r.get("peak_bytes")]
+        compiled = all(v.get("compiled") for v in r["decode"].values())
+        loop = "cuda graph" if graph else "compiled" if compiled else "eager"
+        peaks = [r.get("peak_bytes")]
+        share = [r["decode"][str(b)].get("outside_linear_share") for b in batches]
         rows.append(
             [
                 r["model"],
                 r["variant"],
+                loop,
                 r["weights"]["total"] / 2**20,
                 r.get("weight_ratio"),
                 r["prefill_s"] * 1e3,
             ]
             + [r["decode"][str(b)]["tokens_per_s"] for b in batches]
             + [r.get("decode_speedup", {}).get(str(b)) for b in batches]
+            + [None if v is None else f"{v:.0%}" for v in share]
             + [None if p is None else p / 2**20 for p in peaks]
-            + ["yes" if graph else "no"]
         )
     return headers, rows
 
@@ -226,8 +287,10 @@ def to_markdown(doc: dict) -> str:
         "",
     ]
     lines.append(
-        "- peak MiB all includes the prefill, for which the dispatch table may run dense "
-        "on a cached dense copy of the weights (see dense_cache_bytes in the JSON)"
+        "- speed-up: decode tok/s over dense in the same loop; outside linear: the share of a "
+        "decode step not spent in the linear layers (each layer timed alone at the step's "
+        "shape); peak MiB: from loading (and pruning, packing) the model to the end of "
+        "its prefill timing (CPU: the process's peak resident set)"
     )
     for r in doc["results"]:
         if r.get("masks"):
@@ -247,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=["llama2-7b", "smollm2-135m-shape"] if cuda else ["smollm2-135m"],
     )
     p.add_argument("--variants", type=csv(str), default=list(VARIANTS))
+    p.add_argument(
+        "--loops",
+        type=csv(str),
+        default=["default"],
+        help="decode loops: 'default' (CUDA graph / torch.compile on the CPU), 'eager'",
+    )
     p.add_argument("--batches", type=csv(int), default=[1, 8, 32] if cuda else [1, 4])
     p.add_argument("--prompt-len", type=int, default=64 if cuda else 32)
     p.add_argument("--new-tokens", type=int, default=64 if cuda else 16)
@@ -276,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     bad = [v for v in args.variants if v not in VARIANTS]
+    bad += [lp for lp in args.loops if lp not in LOOPS]
     unknown = [m for m in args.models if m not in RANDOM_CONFIGS and m not in REAL_MODELS]
     if bad or unknown:
         from owl_sparse.errors import InputError
@@ -288,8 +358,6 @@ def main(argv=None) -> dict:
     if args.json_out:
         write_json(args.json_out, doc)
     text = env_markdown(doc["env"]) + "\n\n" + to_markdown(doc)
-    if doc["env"]["device_type"] != "cuda":
-        text += CPU_NOTE
     print(text)
     if args.md_out:
         Path(args.md_out).write_text(f"## End to end on {doc['env']['device']}\n\n{text}\n")

@@ -371,15 +371,35 @@ class Deadline:
         return self.end is not None and time.monotonic() > self.end
 
 
+def sync(device) -> None:
+    """Wait for a CUDA device's queued work (nothing to wait for on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_memory_reset(device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or on a Linux CPU the process's peak
+    resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: the peak then counts from the process start
+        pass
 
 
 def peak_memory_bytes(device) -> int | None:
-    """Peak bytes allocated on a CUDA device since the last reset (None on the CPU)."""
+    """Peak bytes since the last `peak_memory_reset`: allocated on a CUDA device, or the
+    process's peak resident set on the CPU (None where /proc is absent)."""
     if torch.device(device).type != "cuda":
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
         return None
     torch.cuda.synchronize(device)
     return int(torch.cuda.max_memory_allocated(device))

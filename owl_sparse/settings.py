@@ -61,6 +61,7 @@ class Settings:
     jit_verbose: bool
     autotune: bool
     cpu_isa: str | None
+    compile_decode: bool
     bench_size: int
     commit: str | None
     triton_interpret: bool
@@ -166,6 +167,7 @@ def read(env=None) -> Settings:
         jit_verbose=_flag(env, "OWL_SPARSE_JIT_VERBOSE"),
         autotune=_flag(env, "OWL_SPARSE_AUTOTUNE", default=True),
         cpu_isa=_cpu_isa(env),
+        compile_decode=_flag(env, "OWL_SPARSE_COMPILE_DECODE", default=True),
         bench_size=_positive_int(env, "OWL_SPARSE_BENCH_SIZE", 2048),
         commit=env.get("OWL_SPARSE_COMMIT") or None,
         triton_interpret=_flag(env, "TRITON_INTERPRET"),

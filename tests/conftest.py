@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Generation in the tests runs eagerly unless a test asks for the compiled decode step
+# (tests/serve/test_compiled_decode.py): compiling every tiny model would cost minutes.
+os.environ.setdefault("OWL_SPARSE_COMPILE_DECODE", "0")
+
 # The shared helper modules hold assertions: rewrite them like the test modules' own.
 pytest.register_assert_rewrite("factories", "cuda_checks")
 

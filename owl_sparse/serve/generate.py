@@ -3,7 +3,8 @@
 `generate(model, tokenizer, prompts, ...)` serves a dense model and a model whose linear
 layers were swapped by `owl_sparse.sparsify_` through the very same loop, so their
 tokens/s compare fairly.  On CUDA the one-token decode step is captured in a CUDA graph
-(launch overhead would otherwise hide the kernels at batch 1); on the CPU it runs eagerly.
+(launch overhead would otherwise hide the kernels at batch 1); on the CPU it is compiled
+with ``torch.compile`` (Python and module overhead would otherwise dominate a small model).
 
 Token accounting: the prefill pass yields the first new token; each later token costs one
 decode step.  ``decode_tokens_per_s`` = batch x timed decode steps / their time, where the
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .. import settings
 from ..args import as_int
 from ..errors import InputError
 from ..models.structure import max_context
@@ -55,6 +57,8 @@ class GenerateResult:
         batch_size: sequences per forward pass.
         cuda_graph: whether the decode steps replayed a CUDA graph.
         graph_error: why capture failed, when it did.
+        compiled: whether decode steps ran through torch.compile.
+        compile_error: why compiling the step failed, when it did.
         memory: the KV cache and prefill estimates in bytes.
     """
 
@@ -69,6 +73,8 @@ class GenerateResult:
     batch_size: int = 0
     cuda_graph: bool = False
     graph_error: str | None = None
+    compiled: bool = False
+    compile_error: str | None = None
     memory: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -100,6 +106,7 @@ def generate(
     stop_at_eos: bool = True,
     eos_token_id: int | list[int] | None = None,
     cuda_graphs: bool | None = None,
+    compile_step: bool | None = None,
 ) -> GenerateResult:
     """Generate text for prompts with a static KV cache (batched, left-padded).
 
@@ -112,8 +119,12 @@ def generate(
         batch_size: prompts per forward pass (default: all at once).
         stop_at_eos: stop a row at its first EOS token (the tokenizer's, else the model's).
         eos_token_id: override the EOS token(s).
-        cuda_graphs: replay the decode step from a CUDA graph (default: True on CUDA; the
-            CPU always runs eagerly).
+        cuda_graphs: replay the decode step from a CUDA graph (default: True on CUDA).
+        compile_step: where no CUDA graph is used (the CPU), run the decode step through
+            ``torch.compile`` (default: ``OWL_SPARSE_COMPILE_DECODE``, on). The first
+            step of a new (model, batch, cache length) pays the compilation; it is left
+            out of the decode timing like every first step.  Falls back to eager, with one
+            logged warning, where compiling fails.
 
     Returns:
         `GenerateResult` with texts, token ids and timings.
@@ -146,6 +157,7 @@ def generate(
         eos_token_id=_eos_ids(model, tokenizer, eos_token_id),
         pad_token_id=getattr(tokenizer, "pad_token_id", None),
         cuda_graphs=cuda_graphs,
+        compile_step=compile_step,
     )
     result.texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in result.token_ids]
     return result
@@ -164,6 +176,7 @@ def generate_ids(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     cuda_graphs: bool | None = None,
+    compile_step: bool | None = None,
 ) -> GenerateResult:
     """`generate` on token id lists (no tokenizer needed): same arguments and checks.
 
@@ -205,6 +218,9 @@ def generate_ids(
     if pad_token_id is None or not 0 <= pad_token_id < vocab:
         pad_token_id = 0  # any valid id: padding is masked, but it is still embedded
     use_graph = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+    if compile_step is None:
+        compile_step = settings.get().compile_decode
+    compile_step = bool(compile_step) and not (use_graph and device.type == "cuda")
     generator = torch.Generator(device=device).manual_seed(seed)
 
     out = GenerateResult(
@@ -227,6 +243,7 @@ def generate_ids(
             pad_token_id,
             eos if stop_at_eos else [],
             use_graph,
+            compile_step,
             lambda x: sample_next(x, temperature, top_k, top_p, generator),
         )
         out.token_ids += part["token_ids"]
@@ -238,6 +255,8 @@ def generate_ids(
         timed_tokens += len(chunk) * len(timed)
         out.cuda_graph = out.cuda_graph and part["cuda_graph"]
         out.graph_error = out.graph_error or part["graph_error"]
+        out.compiled = out.compiled or part["compiled"]
+        out.compile_error = out.compile_error or part["compile_error"]
     out.decode_tokens_per_s = timed_tokens / out.decode_s if out.decode_s > 0 else 0.0
     return out
 
@@ -249,7 +268,7 @@ def _sync(device) -> None:
 
 @torch.no_grad()
 def _generate_batch(
-    model, seqs, max_new_tokens, device, dtype, pad_id, eos, use_graph, pick
+    model, seqs, max_new_tokens, device, dtype, pad_id, eos, use_graph, compile_step, pick
 ) -> dict:
     """One left-padded batch: prefill, then decode step by step (see module doc)."""
     ids, lengths = left_pad(seqs, pad_id)
@@ -275,7 +294,9 @@ def _generate_batch(
     prefill_s = time.perf_counter() - t0
     del mask, logits
 
-    step = DecodeStep(model, cache, lengths, width, max_len, dtype, device, use_graph, keep)
+    step = DecodeStep(
+        model, cache, lengths, width, max_len, dtype, device, use_graph, keep, compile_step
+    )
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.int64, device=device)
     eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
@@ -306,6 +327,8 @@ def _generate_batch(
         "warmup_steps": warmup if len(step_s) > warmup else 0,
         "cuda_graph": step.uses_graph,
         "graph_error": step.graph_error,
+        "compiled": step.compiled,
+        "compile_error": step.compile_error,
     }
 
 

@@ -162,8 +162,36 @@ def check_attention(model) -> None:
         )
 
 
+def _decode_forward(model, tokens, positions, mask, cache, kwargs):
+    """The one-token forward pass; module level, so that `torch.compile` traces it once per
+    model and input shapes (not once per `DecodeStep`)."""
+    out = model(
+        input_ids=tokens,
+        position_ids=positions,
+        attention_mask=mask,
+        past_key_values=cache,
+        use_cache=True,
+        **kwargs,
+    )
+    return out.logits[:, -1, :]
+
+
+_compiled_forward = None  # torch.compile(_decode_forward), made on first use
+_compile_failed: str | None = None  # why compiling failed once (then never again)
+
+
+def _compiled():
+    global _compiled_forward
+    if _compiled_forward is None:
+        # dynamic=False: one graph per (model, batch, cache length); the step's inputs
+        # keep their shapes from step to step, so no step recompiles.
+        _compiled_forward = torch.compile(_decode_forward, dynamic=False)
+    return _compiled_forward
+
+
 class DecodeStep:
-    """One-token decode step over a static cache, optionally replayed from a CUDA graph.
+    """One-token decode step over a static cache: replayed from a CUDA graph, compiled
+    with `torch.compile` (``compile_step``, meant for the CPU), or eager.
 
     Static buffers (fixed addresses, so a captured graph can be replayed): the input token
     ``[B, 1]``, the position ids ``[B, 1]`` and the mask ``[B, 1, 1, max_len]``.  Step
@@ -173,6 +201,12 @@ class DecodeStep:
     kernels, fills autotuning caches and allocates cuBLAS workspaces), and the second step
     captures the forward pass into a `torch.cuda.CUDAGraph`, then every step replays it.
     When capture fails the step stays eager and ``graph_error`` says why.
+
+    With ``compile_step=True`` (and no graph) the forward pass runs through
+    ``torch.compile`` (inductor): the first step pays the compilation (cached for the
+    process per model and shapes, and on disk by inductor), later steps run without
+    Python module overhead.  When compiling fails the step runs eagerly, ``compile_error``
+    says why and one warning is logged; later steps in the process do not try again.
     """
 
     def __init__(
@@ -186,6 +220,7 @@ class DecodeStep:
         device,
         cuda_graph: bool,
         keep_logits: bool,
+        compile_step: bool = False,
     ):
         self.model, self.cache, self.width = model, cache, width
         self.device = torch.device(device)
@@ -204,17 +239,30 @@ class DecodeStep:
         self.graph_error: str | None = None
         self.static_logits = None
         self.steps = 0
+        self.want_compile = compile_step and not self.want_graph and _compile_failed is None
+        self.compile_error: str | None = _compile_failed if compile_step else None
+        self.compiled = False  # True once a compiled step ran
 
     def _forward(self) -> torch.Tensor:
-        out = self.model(
-            input_ids=self.tokens,
-            position_ids=self.positions,
-            attention_mask=self.mask,
-            past_key_values=self.cache,
-            use_cache=True,
-            **self.kwargs,
+        return _decode_forward(
+            self.model, self.tokens, self.positions, self.mask, self.cache, self.kwargs
         )
-        return out.logits[:, -1, :]
+
+    def _compiled_forward(self) -> torch.Tensor:
+        global _compile_failed
+        try:
+            logits = _compiled()(
+                self.model, self.tokens, self.positions, self.mask, self.cache, self.kwargs
+            )
+        except Exception as e:  # a step that failed to compile wrote nothing: run it eagerly
+            self.want_compile = False
+            self.compile_error = _compile_failed = f"{type(e).__name__}: {e}".split("\n")[0]
+            log.warning(
+                "torch.compile of the decode step failed, decoding eagerly: %s", self.compile_error
+            )
+            return self._forward()
+        self.compiled = True
+        return logits
 
     @property
     def uses_graph(self) -> bool:
@@ -232,6 +280,8 @@ class DecodeStep:
         if self.graph is not None:
             self.graph.replay()
             return self.static_logits
+        if self.want_compile:
+            return self._compiled_forward()
         if not self.want_graph:
             return self._forward()
         if self.steps == 1:
