@@ -6,11 +6,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 from factories import pruned_model, tiny_model
 
-from owl_sparse.serve import generate_ids
-from owl_sparse.serve import kv_cache
+from owl_sparse.serve import generate_ids, kv_cache
 
 PROMPTS = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
 
