@@ -126,7 +126,11 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=4.45",
+        # 5.25 treats any importable top-level "kernels" as the Hugging Face kernels
+        # package; run from a checkout, our kernels/ folder is importable as such and
+        # every model load fails (ImportError: CUDAProperties) — keep below it until
+        # transformers checks the distribution again.
+        "transformers>=4.45,<5.25",
         "safetensors>=0.4",
         "numpy>=1.24",
         "tqdm>=4.60",
