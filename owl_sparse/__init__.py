@@ -45,3 +45,9 @@ def __dir__():
 
 
 __all__ = sorted(_EXPORTS)
+
+# transformers opens our packed checkpoints (AutoModelForCausalLM.from_pretrained): the
+# quantization method is registered when transformers' quantizer registry loads.
+from ._hf_hook import install as _install_hf_hook  # noqa: E402
+
+_install_hf_hook()

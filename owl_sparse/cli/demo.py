@@ -32,8 +32,10 @@ from ..models.load import load_model
 from ..models.structure import find_decoder_blocks, find_linears
 from ..nn import SparseLinear, sparsify_
 from ..pruning import PruneConfig, prune
+from ..pruning.report import PeakMemory
 from ..serve import generate
 from ..text_table import format_table
+from .demo_defaults import DEMO_DEFAULTS, DEMO_DEFAULTS_SOURCE
 from .options import check_format, resolve_device, resolve_dtype
 
 PROMPT = "The history of the city begins"
@@ -43,24 +45,26 @@ PROMPT = "The history of the city begins"
 class DemoConfig:
     """What the demo runs (the ``owl-sparse demo`` options, same names and defaults).
 
-    ``text`` / ``calib_text``: None picks WikiText-2 from the shared data when present,
+    ``eval_text`` / ``calib_text``: None picks WikiText-2 from the shared data when present,
     else Python's own prose / text sampled from the model (``calib_text="self"`` forces
     that); ``device`` / ``dtype``: None means cuda when available / as stored.
     """
 
     model: str = "smollm2-135m"
-    text: str | None = None
+    eval_text: str | None = None
     seqlen: int = 512
-    max_windows: int = 16
+    eval_windows: int = 16
     calib_text: str | None = None
-    calib_samples: int = 32
-    calib_seqlen: int = 256
-    method: str = "wanda"
-    allocation: str = "owl"
-    sparsity: float = 0.5
+    calib_samples: int = DEMO_DEFAULTS["calib_samples"]
+    calib_seqlen: int = DEMO_DEFAULTS["calib_seqlen"]
+    method: str = DEMO_DEFAULTS["method"]
+    allocation: str = DEMO_DEFAULTS["allocation"]
+    sparsity: float = DEMO_DEFAULTS["sparsity"]
     pattern: str = "unstructured"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
     format: str = "auto"
-    new_tokens: int = 24
+    max_new_tokens: int = DEMO_DEFAULTS["max_new_tokens"]
     seed: int = 0
     out: str | None = None
     device: str | None = None
@@ -107,6 +111,10 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _is_default(args: DemoConfig) -> bool:
+    return all(getattr(args, k) == v for k, v in DEMO_DEFAULTS.items() if hasattr(args, k))
+
+
 def run_demo(args: DemoConfig) -> dict:
     """Run the demo (module docstring) and return its results as a JSON-able dict."""
     # Everything that needs no model is checked first: loading, the dense perplexity and
@@ -115,6 +123,8 @@ def run_demo(args: DemoConfig) -> dict:
         method=args.method,
         sparsity=args.sparsity,
         allocation=args.allocation,
+        owl_m=args.owl_m,
+        owl_lambda=args.owl_lambda,
         pattern=args.pattern,
         seed=args.seed,
     )
@@ -129,18 +139,28 @@ def run_demo(args: DemoConfig) -> dict:
         f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, "
         f"loaded in {time.perf_counter() - start:.1f} s) on {device}"
     )
-    spec, description = pick_eval_text(args.text)
-    windows = eval_windows(tokenize(tokenizer, load_text(spec)), args.seqlen, args.max_windows)
+    spec, description = pick_eval_text(args.eval_text)
+    windows = eval_windows(tokenize(tokenizer, load_text(spec)), args.seqlen, args.eval_windows)
     print(f"evaluation: {description}; {windows.shape[0]} windows x {args.seqlen} tokens")
 
     rows, results = [], {}
 
-    def record(name, sparsity, ppl, gen):
+    def serve():
+        """Generate from the prompt; returns the result and the peak memory while serving
+        (the process's resident set on a CPU, allocated bytes on CUDA)."""
+        with PeakMemory(device) as mem:
+            gen = generate(model, tokenizer, PROMPT, max_new_tokens=args.max_new_tokens)
+        return gen, mem.peak_total_bytes
+
+    def record(name, sparsity, ppl, served):
+        gen, peak = served or (None, None)
         results[name] = {
             "perplexity": ppl,
             "sparsity": sparsity,
             "weight_bytes": _weight_bytes(model),
             "decode_tokens_per_s": gen.decode_tokens_per_s if gen else None,
+            "compiled_decode": gen.compiled if gen else None,
+            "peak_memory_bytes": peak,
             "sample": gen.texts[0] if gen else None,
         }
         rows.append(
@@ -150,12 +170,17 @@ def run_demo(args: DemoConfig) -> dict:
                 ppl,
                 f"{results[name]['weight_bytes'] / 2**20:.1f}",
                 f"{gen.decode_tokens_per_s:.1f}" if gen else "-",
+                f"{peak / 2**20:.0f}" if peak else "-",
             ]
         )
 
+    print(
+        f"pruning: {args.method} scores, {args.allocation} allocation, {args.sparsity:.0%} "
+        f"{args.pattern}" + (f" (the default: {DEMO_DEFAULTS_SOURCE})" if _is_default(args) else "")
+    )
     dense_ppl = perplexity(model, windows, progress=progress).perplexity
-    dense_gen = generate(model, tokenizer, PROMPT, max_new_tokens=args.new_tokens)
-    record("dense", 0.0, dense_ppl, dense_gen)
+    dense_served = serve()
+    record("dense", 0.0, dense_ppl, dense_served)
 
     calibration, calib_description = pick_calibration(model, tokenizer, args)
     print(f"calibration: {calib_description}")
@@ -168,8 +193,8 @@ def run_demo(args: DemoConfig) -> dict:
     swapped = sparsify_(model, format=args.format, masks=report.masks)
     print(swapped)
     packed_ppl = perplexity(model, windows, progress=progress).perplexity
-    packed_gen = generate(model, tokenizer, PROMPT, max_new_tokens=args.new_tokens)
-    record(f"packed ({args.format}, SparseLinear)", achieved, packed_ppl, packed_gen)
+    packed_served = serve()
+    record(f"packed ({args.format}, SparseLinear)", achieved, packed_ppl, packed_served)
 
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="owl-sparse-demo-"))
     save_pretrained(
@@ -188,13 +213,30 @@ def run_demo(args: DemoConfig) -> dict:
     print()
     print(
         format_table(
-            ["variant", "sparsity", "perplexity", "block weights MiB", "decode tok/s"],
+            [
+                "variant",
+                "sparsity",
+                "perplexity",
+                "block weights MiB",
+                "decode tok/s",
+                "peak MiB (serving)",
+            ],
             rows,
             title="owl-sparse demo",
         )
     )
-    print(f"\ndense : {PROMPT}{dense_gen.texts[0]!r}")
-    print(f"sparse: {PROMPT}{packed_gen.texts[0]!r}")
+    dense_gen, packed_gen = dense_served[0], packed_served[0]
+    print(f"\ndense : {PROMPT + dense_gen.texts[0]!r}")
+    print(f"sparse: {PROMPT + packed_gen.texts[0]!r}")
+    speedup = (
+        packed_gen.decode_tokens_per_s / dense_gen.decode_tokens_per_s
+        if dense_gen.decode_tokens_per_s
+        else float("nan")
+    )
+    print(
+        f"packed decode: {speedup:.2f}x dense tok/s "
+        f"({'compiled' if packed_gen.compiled else 'eager'} decode step on {device})"
+    )
     if settings.get().ci:
         print("(CI run: timings on a shared CPU are indicative only)")
     return {
@@ -204,6 +246,7 @@ def run_demo(args: DemoConfig) -> dict:
         "config": dataclasses.asdict(config),
         "results": results,
         "checkpoint": checkpoint,
+        "decode_speedup": speedup,
         "sparsify": {
             "layers_swapped": len(swapped.swapped),
             "bytes_before": swapped.bytes_before,

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
+from .demo_defaults import DEMO_DEFAULTS
 from .options import check_format, resolve_device, resolve_dtype
 
 # The library is imported by the commands that need it, so `owl-sparse --help` and argument
@@ -59,69 +60,177 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+# One vocabulary for every subcommand: the same option name for the same thing. The older
+# spellings stay as aliases (listed in --help) so existing scripts keep working.
+def _add_eval(p, *, seqlen: int, windows: int | None, text: str | None, text_help: str) -> None:
+    """Perplexity evaluation: --eval-text, --eval-windows, --seqlen."""
+    p.add_argument("--eval-text", "--text", dest="eval_text", default=text, help=text_help)
+    p.add_argument(
+        "--eval-windows",
+        "--max-windows",
+        dest="eval_windows",
+        type=_positive_int,
+        default=windows,
+        help=f"evaluate on at most this many windows (default: {windows or 'all'})",
+    )
+    p.add_argument(
+        "--seqlen",
+        type=_positive_int,
+        default=seqlen,
+        help=f"evaluation window length in tokens (default {seqlen})",
+    )
+
+
+def _add_calibration(p, *, samples: int, seqlen: int | None, text_help: str) -> None:
+    """Calibration data: --calib-text, --calib-samples, --calib-seqlen."""
+    p.add_argument("--calib-text", default=None, help=text_help)
+    p.add_argument(
+        "--calib-samples",
+        type=_positive_int,
+        default=samples,
+        help=f"calibration windows (default {samples})",
+    )
+    p.add_argument(
+        "--calib-seqlen",
+        type=_positive_int,
+        default=seqlen,
+        help=f"calibration window length in tokens (default: {seqlen or 'the --seqlen value'})",
+    )
+
+
+def _add_pruning(p, *, sparsity_help: str, sparsity: float | None) -> None:
+    """What to prune and how: --method, --allocation, --sparsity, --pattern, OWL knobs, seed."""
+    p.add_argument(
+        "--method",
+        default="wanda",
+        choices=["magnitude", "wanda", "sparsegpt"],
+        help="importance score (default wanda)",
+    )
+    p.add_argument(
+        "--allocation",
+        default="owl",
+        choices=["uniform", "owl", "sensitivity"],
+        help="layerwise sparsity allocation (default owl)",
+    )
+    p.add_argument("--sparsity", type=float, default=sparsity, help=sparsity_help)
+    p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4")
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL / sensitivity spread")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+
+
+_FORMAT_HELP = (
+    "checkpoint layout: auto (default) = packed owl-sparse checkpoint, 2:4 where the mask "
+    "allows, else bitmap; bitmap or 2:4 to force one"
+)
+
+
+def _sub(sub, name: str, help: str, example: str):
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="owl-sparse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("eval", help="perplexity of a model on a text")
+    p = _sub(
+        sub,
+        "eval",
+        "perplexity of a model on a text",
+        "owl-sparse eval --model smollm2-135m --eval-text wikitext2 --seqlen 512 --eval-windows 32",
+    )
     _add_model(p)
-    p.add_argument("--text", default="wikitext2", help="text file or dataset name")
-    p.add_argument("--seqlen", type=_positive_int, default=2048)
-    p.add_argument("--max-windows", type=_positive_int, default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=1)
+    _add_eval(
+        p,
+        seqlen=2048,
+        windows=None,
+        text="wikitext2",
+        text_help="text file or dataset name (default wikitext2)",
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=1, help="windows per forward pass (default 1)"
+    )
     _add_common(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("info", help="model structure: decoder blocks and linear layers")
+    p = _sub(
+        sub,
+        "info",
+        "model structure: decoder blocks and linear layers",
+        "owl-sparse info --model smollm2-135m",
+    )
     _add_model(p)
     _add_common(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="the main job: prune with OWL, pack, run, save, report")
-    _add_model(p, required=False)
-    p.add_argument(
-        "--text",
-        default=None,
-        help="evaluation text (default: WikiText-2 test "
-        "from the shared data if present, else Python's own documentation prose)",
+    p = _sub(
+        sub,
+        "demo",
+        "the main job: prune with OWL, pack, run, save, report",
+        "owl-sparse demo --sparsity 0.7 --out ./smollm2-owl70",
     )
-    p.add_argument("--seqlen", type=_positive_int, default=512)
-    p.add_argument("--max-windows", type=_positive_int, default=16)
-    p.add_argument(
-        "--calib-text",
-        default=None,
-        help="calibration text file, or 'self' to sample from the model (default: "
+    _add_model(p, required=False)
+    _add_eval(
+        p,
+        seqlen=512,
+        windows=16,
+        text=None,
+        text_help="evaluation text (default: WikiText-2 test from the shared data if "
+        "present, else Python's own documentation prose)",
+    )
+    _add_calibration(
+        p,
+        samples=DEMO_DEFAULTS["calib_samples"],
+        seqlen=DEMO_DEFAULTS["calib_seqlen"],
+        text_help="calibration text file, or 'self' to sample from the model (default: "
         "WikiText-2 valid from the shared data if present, else 'self')",
     )
-    p.add_argument("--calib-samples", type=_positive_int, default=32)
-    p.add_argument("--calib-seqlen", type=_positive_int, default=256)
-    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
-    p.add_argument("--allocation", default="owl", choices=["uniform", "owl", "sensitivity"])
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4")
-    p.add_argument("--format", default="auto", choices=["auto", "bitmap", "2:4"])
-    p.add_argument(
-        "--new-tokens", type=_positive_int, default=24, help="tokens generated per sample"
+    _add_pruning(
+        p,
+        sparsity=DEMO_DEFAULTS["sparsity"],
+        sparsity_help=f"target sparsity (default {DEMO_DEFAULTS['sparsity']})",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(method=DEMO_DEFAULTS["method"], allocation=DEMO_DEFAULTS["allocation"])
+    p.add_argument("--format", default="auto", choices=["auto", "bitmap", "2:4"], help=_FORMAT_HELP)
+    p.add_argument(
+        "--max-new-tokens",
+        "--new-tokens",
+        dest="max_new_tokens",
+        type=_positive_int,
+        default=DEMO_DEFAULTS["max_new_tokens"],
+        help="tokens generated per sample",
+    )
     p.add_argument("--out", default=None, help="where to save the packed checkpoint")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("generate", help="generate text (static KV cache, CUDA graphs on GPU)")
+    p = _sub(
+        sub,
+        "generate",
+        "generate text (static KV cache; compiled step on CPU, CUDA graphs on GPU)",
+        "owl-sparse generate ./smollm2-owl70 --prompt 'Once upon a time' --max-new-tokens 64",
+    )
     p.add_argument(
         "model",
         help="built-in name, HF or owl-sparse packed model directory, .gguf or llama2.c .bin file",
     )
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     p.add_argument(
+        "--batch-size",
         "--batch",
+        dest="batch_size",
         type=_positive_int,
         default=None,
         help="sequences per forward pass; prompts are repeated to fill one batch "
         "when fewer are given (default: all prompts at once)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", "--new-tokens", dest="max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -131,38 +240,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("prune", help="prune a model (OWL, Wanda, SparseGPT...) and report")
-    _add_model(p)
-    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
-    p.add_argument("--allocation", default="owl", choices=["uniform", "owl", "sensitivity"])
-    p.add_argument(
-        "--sparsity",
-        type=float,
-        default=None,
-        help="target sparsity in [0, 1) (default 0.7; with N:M it is 1 - N/M)",
+    p = _sub(
+        sub,
+        "prune",
+        "prune a model (OWL, Wanda, SparseGPT...), report, and save it packed",
+        "owl-sparse prune --model smollm2-135m --sparsity 0.7 --calib-text wikitext2 "
+        "--out ./smollm2-owl70",
     )
-    p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4")
-    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
-    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL / sensitivity spread")
-    p.add_argument(
-        "--calib-text",
-        default=None,
-        help="calibration text file or dataset name (train split), or 'self' to "
+    _add_model(p)
+    _add_pruning(
+        p,
+        sparsity=None,
+        sparsity_help="target sparsity in [0, 1) (default 0.7; with N:M it is 1 - N/M)",
+    )
+    _add_calibration(
+        p,
+        samples=128,
+        seqlen=None,
+        text_help="calibration text file or dataset name (train split), or 'self' to "
         "sample from the model; not needed for uniform magnitude",
     )
-    p.add_argument("--calib-samples", type=_positive_int, default=128)
-    p.add_argument(
-        "--seqlen", type=_positive_int, default=2048, help="calibration (and evaluation) length"
-    )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--batch-size",
         type=_positive_int,
         default=None,
         help="calibration samples per block forward (default: by memory budget)",
     )
-    p.add_argument("--eval-text", default=None, help="evaluate perplexity on this text after")
-    p.add_argument("--eval-windows", type=_positive_int, default=None)
+    _add_eval(
+        p,
+        seqlen=2048,
+        windows=None,
+        text=None,
+        text_help="evaluate perplexity on this text after pruning",
+    )
     p.add_argument(
         "--out",
         default=None,
@@ -170,10 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--format",
-        default="dense",
-        choices=["dense", "bitmap", "2:4", "auto"],
-        help="--out layout: dense HF checkpoint, or a packed owl-sparse checkpoint "
-        "(bitmap, 2:4, or auto = 2:4 where the mask allows, else bitmap)",
+        default=None,
+        choices=["auto", "bitmap", "2:4", "dense"],
+        help=_FORMAT_HELP + "; dense = a plain Hugging Face checkpoint with the zeros "
+        "stored (only with --format dense). Needs --out",
     )
     _add_common(p)
     p.set_defaults(func=cmd_prune)
@@ -181,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="benchmarks (source checkout): kernels, e2e or prune", add_help=False
     )
-    p.add_argument("suite", choices=["kernels", "e2e", "prune"])
+    p.add_argument("suite", choices=["kernels", "e2e", "prune", "cpu"])
     p.add_argument(
         "rest",
         nargs=argparse.REMAINDER,
@@ -196,16 +306,16 @@ def cmd_eval(args) -> dict:
     from ..evaluate import perplexity
     from ..models.load import load_model
 
-    text = load_text(args.text)  # a bad text path fails before the model loads
+    text = load_text(args.eval_text)  # a bad text path fails before the model loads
     model, tokenizer = load_model(
         args.model, dtype=resolve_dtype(args.dtype), device=resolve_device(args.device)
     )
-    windows = eval_windows(tokenize(tokenizer, text), args.seqlen, args.max_windows)
+    windows = eval_windows(tokenize(tokenizer, text), args.seqlen, args.eval_windows)
     start = time.perf_counter()
     result = perplexity(model, windows, batch_size=args.batch_size, progress=not args.quiet)
     out = {
         "model": str(args.model),
-        "text": str(args.text),
+        "text": str(args.eval_text),
         **result.to_dict(),
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -269,8 +379,8 @@ def cmd_generate(args) -> dict:
         args.model, dtype=resolve_dtype(args.dtype), device=resolve_device(args.device)
     )
     prompts = list(args.prompt)
-    if args.batch is not None and args.batch > len(prompts):
-        prompts = [prompts[i % len(prompts)] for i in range(args.batch)]
+    if args.batch_size is not None and args.batch_size > len(prompts):
+        prompts = [prompts[i % len(prompts)] for i in range(args.batch_size)]
     result = generate(
         model,
         tokenizer,
@@ -280,7 +390,7 @@ def cmd_generate(args) -> dict:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        batch_size=args.batch,
+        batch_size=args.batch_size,
         stop_at_eos=not args.ignore_eos,
         cuda_graphs=False if args.no_cuda_graphs else None,
     )
@@ -317,10 +427,14 @@ def cmd_prune(args) -> dict:
             f"{config.method} with {config.allocation} allocation needs "
             "--calib-text (a text file, a dataset name, or 'self')"
         )
+    if args.format is not None and not args.out:
+        raise InputError(f"--format {args.format} sets the layout of --out: give --out DIR too")
+    fmt = args.format or "auto"
     if args.out:
         check_output_dir(args.out)
-        if args.format != "dense":
-            check_format(args.format, config.nm, config.pattern)
+        if fmt != "dense":
+            check_format(fmt, config.nm, config.pattern)
+    calib_seqlen = args.calib_seqlen or args.seqlen
     # bad text paths and devices fail before the model loads
     calib_text = (
         None if args.calib_text in (None, "self") else load_text(args.calib_text, split="train")
@@ -332,11 +446,11 @@ def cmd_prune(args) -> dict:
     calibration = None
     if config.needs_calibration and calib_text is None:
         calibration = sample_from_model(
-            model.to(device), tokenizer, args.calib_samples, args.seqlen, args.seed
+            model.to(device), tokenizer, args.calib_samples, calib_seqlen, args.seed
         )
     elif config.needs_calibration:
         calibration = calibration_batches(
-            tokenize(tokenizer, calib_text), args.calib_samples, args.seqlen, args.seed
+            tokenize(tokenizer, calib_text), args.calib_samples, calib_seqlen, args.seed
         )
     try:
         report = prune(
@@ -361,12 +475,15 @@ def cmd_prune(args) -> dict:
         )
     if args.out:
         path = Path(args.out)
-        if args.format == "dense":
+        if fmt == "dense":
             save_dense(model, path, tokenizer, prune_report=report)
         else:
-            sparsify_(model, format=args.format, masks=report.masks)
+            sparsify_(model, format=fmt, masks=report.masks)
             settings = {
-                k: getattr(args, k) for k in ("calib_text", "calib_samples", "seqlen", "seed")
+                "calib_text": args.calib_text,
+                "calib_samples": args.calib_samples,
+                "seqlen": calib_seqlen,
+                "seed": args.seed,
             }
             save_pretrained(
                 model,
@@ -377,7 +494,7 @@ def cmd_prune(args) -> dict:
                 write_report=True,
             )
         out["out"] = str(path)
-        print(f"saved the pruned ({args.format}) checkpoint to {path}")
+        print(f"saved the pruned ({fmt}) checkpoint to {path}")
     return out
 
 

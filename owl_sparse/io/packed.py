@@ -51,14 +51,17 @@ from . import skeleton
 from .atomic import atomic_directory, check_replaceable
 from .record import (
     CHECKPOINT_VERSION,
+    INDEX,
     calibration_hash,
     jsonable,
     plan_tensors,
     prune_record,
+    quantization_config,
     read_record,
     versions,
+    weight_index,
 )
-from .safetensors import SafeReader, TensorEntry, write_safetensors
+from .safetensors import SafeReader, TensorEntry, read_header, write_safetensors
 from .state import finish, has_conv1d, packed_state, sparse_layers
 from .tokenizer import load_tokenizer, save_tokenizer
 
@@ -180,6 +183,9 @@ def save_pretrained(
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise InputError(f"{where}: the config does not rebuild from its JSON ({e})") from e
     record["conv1d_to_linear"] = _check_loadable(model, saved_config, record, tensors, where)
+    # transformers opens the checkpoint through our registered quantizer: it reads this
+    # entry, and finds the weights through the index (transformers_integration).
+    cfg["quantization_config"] = quantization_config(record)
     with atomic_directory(path, is_owl_sparse_output) as tmp:
         config_bytes = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
         (tmp / "config.json").write_bytes(config_bytes)
@@ -188,6 +194,8 @@ def save_pretrained(
             (tmp / REPORT).write_text(prune_report.to_json(indent=1))
         size = write_safetensors(tmp / WEIGHTS, tensors, {"format": "pt", "owl_sparse": "1"})
         record["weights_bytes"] = size
+        index = weight_index(tensors, WEIGHTS, size)
+        (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
         record["config_sha256"] = hashlib.sha256(config_bytes).hexdigest()
         # Written last: its presence is what marks the directory as a complete checkpoint.
         part = tmp / (RECORD + ".part")
@@ -263,11 +271,12 @@ def is_checkpoint(path) -> bool:
     return (Path(path) / RECORD).is_file()
 
 
-def load_packed(path, device=None, dtype: torch.dtype | None = None):
-    """Load the owl-sparse checkpoint in directory ``path``; arguments, result and errors as
-    for `owl_sparse.io.load_pretrained`, which also opens compressed-tensors checkpoints."""
+def open_checkpoint(path) -> tuple[dict, Path]:
+    """The checks every load of a packed checkpoint makes before reading tensor data:
+    ``sparsity.json`` parsed and checked, ``config.json`` unchanged since the save (sha256),
+    the weights file present with the recorded size.  Returns ``(record, weights path)``;
+    raises InputError naming the file at fault."""
     path = Path(path)
-    dtype, device = parse_dtype(dtype), parse_device(device)
     if not path.is_dir():
         raise InputError(f"{path}: not a directory")
     if not is_checkpoint(path):
@@ -281,13 +290,23 @@ def load_packed(path, device=None, dtype: torch.dtype | None = None):
     weights = path / record["weights_file"]
     if not weights.is_file():
         raise InputError(f"{path}: missing weights file {record['weights_file']}")
-    reader = SafeReader(weights)  # header checks first: they name the tensor at fault
+    read_header(weights)  # its checks first: they name the tensor at fault
     size = weights.stat().st_size
     if size != record["weights_bytes"]:
         raise InputError(
             f"{weights}: {size} bytes but {RECORD} records {record['weights_bytes']} "
             "(truncated or replaced)"
         )
+    return record, weights
+
+
+def load_packed(path, device=None, dtype: torch.dtype | None = None):
+    """Load the owl-sparse checkpoint in directory ``path``; arguments, result and errors as
+    for `owl_sparse.io.load_pretrained`, which also opens compressed-tensors checkpoints."""
+    path = Path(path)
+    dtype, device = parse_dtype(dtype), parse_device(device)
+    record, weights = open_checkpoint(path)
+    reader = SafeReader(weights)
     model = skeleton.meta_model(
         skeleton.load_config(path), DTYPES[record["dtype"]], record["conv1d_to_linear"]
     )

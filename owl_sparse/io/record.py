@@ -281,3 +281,27 @@ def plan_tensors(
     if extra:
         raise InputError(f"{where}: unexpected tensor(s) {extra[:5]} (not part of this model)")
     return plan
+
+
+# transformers integration (owl_sparse.io.transformers_integration): what config.json and
+# the weight index carry so that AutoModelForCausalLM.from_pretrained finds our quantizer.
+QUANT_METHOD = "owl_sparse"
+INDEX = "model.safetensors.index.json"  # what transformers looks for beside config.json
+
+
+def quantization_config(record: dict) -> dict:
+    """The ``quantization_config`` entry `save_pretrained` writes into ``config.json``."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "checkpoint_version": record["owl_sparse_checkpoint"],
+        "weights_file": record["weights_file"],
+        "formats": sorted({spec["format"] for spec in record["layers"].values()}),
+    }
+
+
+def weight_index(tensors: dict[str, torch.Tensor], weights_file: str, total: int) -> dict:
+    """``model.safetensors.index.json``: every stored tensor in ``weights_file``."""
+    return {
+        "metadata": {"total_size": total, "format": QUANT_METHOD},
+        "weight_map": dict.fromkeys(sorted(tensors), weights_file),
+    }

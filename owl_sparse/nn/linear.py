@@ -38,6 +38,10 @@ def dense_weight_of(module: nn.Module) -> Tensor:
     raise InputError(f"expected nn.Linear (or transformers Conv1D), got {type(module).__name__}")
 
 
+class NoDenseWeightError(AttributeError):
+    """Raised on ``SparseLinear.weight``: a packed layer keeps no dense weight."""
+
+
 class SparseLinear(nn.Module):
     """``y = x @ W^T + b`` with ``W`` [out_features, in_features] held in a packed format.
 
@@ -105,7 +109,7 @@ class SparseLinear(nn.Module):
 
     def __getattr__(self, name: str):
         if name == "weight":
-            raise AttributeError(
+            raise NoDenseWeightError(
                 "SparseLinear keeps no dense 'weight' (it holds a packed "
                 f"{self.__dict__.get('format', '?')} weight); use .dense_weight() to unpack one"
             )

@@ -56,7 +56,9 @@ class SparsifyReport:
         }
 
     def __str__(self) -> str:
-        ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+        if not self.swapped:
+            return f"sparsify_: swapped no linear layer (skipped {len(self.skipped)})"
+        ratio = self.bytes_before / self.bytes_after
         fmts = sorted({s.format for s in self.swapped})
         return (
             f"sparsify_: swapped {len(self.swapped)} linear layers ({', '.join(fmts) or 'none'}), "
@@ -186,7 +188,22 @@ def sparsify_(
         for parent, attr in slots.get(id(module), []):
             setattr(parent, attr, new)
         del module, new
+    if report.swapped:
+        for hook in _AFTER_SPARSIFY:
+            hook(model)
     return report
 
 
-__all__ = ["SparsifyReport", "SwappedLayer", "sparsify_"]
+# Called with the model after `sparsify_` swapped layers. Packages above this one register
+# here (owl_sparse.io: ``model.save_pretrained`` then writes the packed layout), so this
+# module needs no import of them.
+_AFTER_SPARSIFY: list[Callable[[nn.Module], object]] = []
+
+
+def register_after_sparsify(hook: Callable[[nn.Module], object]) -> None:
+    """Run ``hook(model)`` after every `sparsify_` that swapped at least one layer."""
+    if hook not in _AFTER_SPARSIFY:
+        _AFTER_SPARSIFY.append(hook)
+
+
+__all__ = ["SparsifyReport", "SwappedLayer", "register_after_sparsify", "sparsify_"]

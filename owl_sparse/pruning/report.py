@@ -137,12 +137,18 @@ class PruneReport:
 
 
 class PeakMemory:
-    """Context manager measuring peak memory on ``device`` (see the module doc)."""
+    """Context manager measuring peak memory on ``device`` (see the module doc).
+
+    After the block: ``peak_bytes`` is the growth over the start (the ``kind``), and
+    ``peak_total_bytes`` the whole peak (CUDA: allocated; CPU: the process's resident set;
+    None where only the lifetime ``ru_maxrss`` is known).
+    """
 
     def __init__(self, device: torch.device, interval: float = 0.01):
         self.device = torch.device(device)
         self.interval = interval
         self.peak_bytes = 0
+        self.peak_total_bytes: int | None = None
         self.kind = ""
         self._stop = threading.Event()
         self._thread = None
@@ -173,11 +179,13 @@ class PeakMemory:
         if self.kind == "cuda_max_allocated":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            self.peak_total_bytes = self.peak_bytes
         elif self.kind == "cpu_rss_peak_delta":
             self._stop.set()
             self._thread.join()
             self._peak = max(self._peak, _rss() or 0)
             self.peak_bytes = max(0, self._peak - self._start)
+            self.peak_total_bytes = self._peak
         else:
             import resource
 

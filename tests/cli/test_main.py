@@ -127,6 +127,8 @@ def test_cli_prune_writes_a_checkpoint(tmp_path, capsys):
         "4",
         "--out",
         str(tmp_path / "out"),
+        "--format",
+        "dense",
         "--json",
         "--quiet",
         "--device",
