@@ -195,7 +195,35 @@ def run(args) -> dict:
             _add_speedups(results)
             if args.json_out:  # after every variant: a step killed at its limit keeps these
                 write_json(args.json_out, doc)
+        if device.type == "cpu" and model_name == "smollm2-135m" and args.llamacpp:
+            doc.setdefault("llamacpp", {})[model_name] = _llamacpp(model_name, args)
+            if args.json_out:  # after every variant: a step killed at its limit keeps these
+                write_json(args.json_out, doc)
     return doc
+
+
+def _llamacpp(model_name: str, args) -> dict:
+    """llama.cpp on the GGUF file the model comes from, same prompt length and tokens."""
+    from owl_sparse.models.load import _smollm2_gguf_path
+
+    from .llamacpp import available, decode_tokens_per_s
+
+    version = available()
+    if version is None:
+        return {
+            "version": None,
+            "note": f"llama-cpp-python not installed; last committed: {LLAMACPP_LAST}",
+        }
+    gen = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, 49152, (args.prompt_len,), generator=gen).tolist()
+    out = decode_tokens_per_s(
+        _smollm2_gguf_path(), prompt, args.new_tokens, args.threads or torch.get_num_threads()
+    )
+    return {"version": version, "quant": "Q4_1", **out}
+
+
+# The last llama.cpp figure committed (benchmarks/results), shown where it is not installed.
+LLAMACPP_LAST = "see benchmarks/results/cpu-decode-smollm2-2026-12-03.md"
 
 
 def _settings(args) -> dict:
@@ -292,9 +320,32 @@ def to_markdown(doc: dict) -> str:
         "shape); peak MiB: from loading (and pruning, packing) the model to the end of "
         "its prefill timing (CPU: the process's peak resident set)"
     )
+    seen = set()
     for r in doc["results"]:
-        if r.get("masks"):
+        if r.get("masks") and (r["model"], r["variant"]) not in seen:
+            seen.add((r["model"], r["variant"]))
             lines.append(f"- {r['model']} {r['variant']}: masks {r['masks']}")
+    for name, lc in doc.get("llamacpp", {}).items():
+        if lc.get("version") is None:
+            lines.append(f"- llama.cpp: {lc['note']}")
+            continue
+        ours = max(
+            (r for r in doc["results"] if r["model"] == name and "1" in r["decode"]),
+            key=lambda r: r["decode"]["1"]["tokens_per_s"],
+            default=None,
+        )
+        line = (
+            f"- llama.cpp (llama-cpp-python {lc['version']}, {lc['quant']} GGUF, "
+            f"{lc['threads']} threads, same prompt length and new tokens): "
+            f"**{lc['tokens_per_s']:.1f} tok/s** batch 1"
+        )
+        if ours is not None:
+            tps = ours["decode"]["1"]["tokens_per_s"]
+            line += (
+                f"; fastest owl-sparse row ({ours['variant']}, {ours['loop']}): {tps:.1f} tok/s "
+                f"= {tps / lc['tokens_per_s']:.2f}x llama.cpp"
+            )
+        lines.append(line)
     if doc["skipped"]:
         lines.append(f"- not measured (time budget): {', '.join(doc['skipped'])}")
     return "\n".join(lines)
@@ -317,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode loops: 'default' (CUDA graph / torch.compile on the CPU), 'eager'",
     )
     p.add_argument("--batches", type=csv(int), default=[1, 8, 32] if cuda else [1, 4])
+    p.add_argument(
+        "--no-llamacpp",
+        dest="llamacpp",
+        action="store_false",
+        help="skip the llama.cpp row (CPU, smollm2-135m, when llama-cpp-python is installed)",
+    )
     p.add_argument("--prompt-len", type=int, default=64 if cuda else 32)
     p.add_argument("--new-tokens", type=int, default=64 if cuda else 16)
     p.add_argument(
