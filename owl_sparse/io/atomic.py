@@ -8,6 +8,7 @@ replacing only a directory our writers produced.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -141,36 +142,129 @@ def _plain_modes(root: Path) -> None:
                     os.chmod(path, mode & ~mask)
 
 
+RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths in one step
+
+
+def _libc_renameat2():
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _libc_renameat2() if os.name == "posix" else None
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap directories ``a`` and ``b`` in one step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``): at no moment is either path missing. Returns False where the
+    system or file system cannot (then nothing changed)."""
+    if _RENAMEAT2 is None:
+        return False
+    import ctypes
+
+    rc = _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+def _temp_prefix(target: Path, kind: str) -> str:
+    """``.NAME.tmp-PID-`` / ``.NAME.old-PID-``: the writer's PID lets a later save tell a
+    temporary a killed save left behind from one a running save is writing."""
+    return f".{target.name}.{kind}-{os.getpid()}-"
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]+$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted(target: str | os.PathLike) -> list[Path]:
+    """Clean up after saves to ``target`` that were killed (SIGKILL, SIGTERM, power loss).
+
+    Temporaries ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` beside ``target`` whose process is
+    gone are removed, except the previous checkpoint kept in ``.old-*/previous`` when
+    ``target`` itself is missing (the kill fell between the two renames of a system without
+    `exchange`): that one is put back at ``target``. Returns the paths removed or restored.
+    Called by every `atomic_directory` save before it writes.
+    """
+    target = Path(target)
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    done = []
+    for entry in sorted(parent.iterdir()):
+        m = _TEMP.match(entry.name)
+        if not (m and m["name"] == target.name and entry.is_dir()) or _alive(int(m["pid"])):
+            continue
+        previous = entry / "previous"
+        if m["kind"] == "old" and previous.is_dir() and not target.exists():
+            os.replace(previous, target)
+            fsync_dir(parent)
+        shutil.rmtree(entry, ignore_errors=True)
+        done.append(entry)
+    return done
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, is_ours, what: str = "an owl-sparse checkpoint"):
-    """Yield a fresh temporary directory beside ``target``; on success rename it to target.
+    """Yield a fresh temporary directory beside ``target``; on success put it in place.
 
     An existing ``target`` is replaced only as `check_replaceable` allows (otherwise
     InputError before anything is written). The new directory and its files get the modes
-    a plain ``mkdir`` / ``open`` would give them (`_plain_modes`, not mkdtemp's 0700). An
-    existing target is first renamed aside and deleted only after the new directory is in
-    place. On any
-    exception the temporary directory is removed and ``target`` is as before: when the
-    final rename fails, the previous directory is renamed back; no hidden directory is
-    left behind (the previous one only if putting it back fails too, and the exception
-    then says where it is).
+    a plain ``mkdir`` / ``open`` would give them (`_plain_modes`, not mkdtemp's 0700).
+
+    Replacing an existing ``target``: on Linux the new and the old directory are swapped in
+    one step (`exchange`), so a kill at any moment leaves ``target`` the complete old or
+    the complete new checkpoint. Elsewhere (or on a file system without the swap) the old
+    one is first renamed aside into ``.NAME.old-PID-*/previous``: a kill between that rename
+    and the next leaves ``target`` missing for that moment, and the next save to it
+    (`recover_interrupted`) puts the old one back. Temporaries a killed save leaves are
+    removed by the next save to the same target. On an exception the temporary directory is
+    removed and ``target`` is as before.
     """
     target = Path(target)
     check_replaceable(target, is_ours, what)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    recover_interrupted(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "tmp"), dir=target.parent))
     old = None
     try:
         yield tmp
         _plain_modes(tmp)
         fsync_tree(tmp)
+        if target.exists() and exchange(tmp, target):
+            fsync_dir(target.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old checkpoint
+            return
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "old"), dir=target.parent))
             os.replace(target, old / "previous")
         os.replace(tmp, target)
         fsync_dir(target.parent)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists() and not (target.exists() and tmp.samefile(target)):
+            shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             _restore(old, target, e)
         raise
