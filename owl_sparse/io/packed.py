@@ -47,7 +47,7 @@ from ..errors import InputError
 from ..formats import FORMATS
 from ..models.structure import conv1d_to_linear_
 from ..nn.linear import SparseLinear
-from . import skeleton
+from . import skeleton, weights_check
 from .atomic import atomic_directory, check_replaceable
 from .record import (
     CHECKPOINT_VERSION,
@@ -307,9 +307,12 @@ def load_packed(path, device=None, dtype: torch.dtype | None = None):
     dtype, device = parse_dtype(dtype), parse_device(device)
     record, weights = open_checkpoint(path)
     reader = SafeReader(weights)
-    model = skeleton.meta_model(
-        skeleton.load_config(path), DTYPES[record["dtype"]], record["conv1d_to_linear"]
-    )
+    config = skeleton.load_config(path)
+    # The config hash only says the file is the one saved: anyone crafting a checkpoint can
+    # recompute it. Its values (load_config) and layer count are checked before a model is
+    # built.
+    weights_check.check_layer_count(config, reader.entries, path)
+    model = skeleton.meta_model(config, DTYPES[record["dtype"]], record["conv1d_to_linear"])
     if type(model).__name__ != record["model_class"]:
         raise InputError(
             f"{path}: config builds {type(model).__name__}, {RECORD} says {record['model_class']}"

@@ -62,8 +62,18 @@ def load_config(path: Path, config_dict: dict | None = None):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if not (path / "config.json").is_file():
+    from .weights_check import check_config_values
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise InputError(f"{path}: no config.json")
+    try:
+        raw = json.loads(config_file.read_text()) if config_dict is None else config_dict
+    except (OSError, ValueError, RecursionError) as e:
+        raise InputError(f"{config_file}: not valid JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(raw, dict):
+        raise InputError(f"{config_file}: not a JSON object")
+    check_config_values(raw, config_file)
     try:
         if config_dict is None:
             return AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -84,6 +94,8 @@ def config_errors() -> tuple[type[BaseException], ...]:
         TypeError,
         KeyError,
         AttributeError,
+        RecursionError,  # a deeply nested config.json
+        ArithmeticError,  # its own validation divides by head counts
     )
     try:
         from huggingface_hub.errors import StrictDataclassError

@@ -27,11 +27,10 @@ import torch
 from .. import settings
 from ..args import parse_device, parse_dtype
 from ..errors import InputError
-from ..io import skeleton
+from ..io import skeleton, weights_check
 from ..io.compressed_tensors import is_compressed_tensors_dir
 from ..io.load import load_pretrained
 from ..io.packed import RECORD, WEIGHTS
-from ..io.safetensors import read_header
 from ..io.tokenizer import load_tokenizer
 from .llama2c import load_llama2c
 
@@ -147,10 +146,14 @@ def _load_hf_dir(path: Path):
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a model directory (no config.json)")
     # safetensors only (pickles are refused by name, never read), headers checked by us
-    # first so a truncated or corrupt file is named before transformers sees it.
-    for weights in skeleton.weight_files(path):
-        read_header(weights)
+    # first so a truncated or corrupt file is named before transformers sees it; then the
+    # config against them, before anything is built (weights_check): transformers alone
+    # would initialise a missing tensor randomly, skip an unlisted shard, drop layers.
+    entries = weights_check.read_weight_headers(path, skeleton.weight_files(path))
     config = skeleton.load_config(path)
+    weights_check.check_layer_count(config, entries, path)
+    meta = skeleton.meta_model(config, torch.float32)
+    weights_check.check_against_model(meta, skeleton.expected_tensors(meta), entries, path)
     tokenizer = load_tokenizer(path, required=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -158,6 +161,8 @@ def _load_hf_dir(path: Path):
         )
     except _load_errors() as e:
         raise InputError(f"{path}: transformers cannot load this model ({e})") from e
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        skeleton.check_values(name, t, path)
     return model, tokenizer
 
 

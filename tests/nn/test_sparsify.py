@@ -132,3 +132,12 @@ def test_sparsify_refuses_a_meta_model():
         sparsify_(model)
     only_mlp = sparsify_(model, filter_fn=lambda m, name: False)  # excluded layers are fine
     assert not only_mlp.swapped
+
+
+def test_report_of_nothing_swapped_says_so():
+    from owl_sparse.nn import sparsify_
+
+    model = tiny_model("llama")  # dense: nothing reaches min_sparsity
+    report = sparsify_(model, min_sparsity=0.5)
+    assert not report.swapped and "nan" not in str(report)
+    assert "no linear layer" in str(report)
