@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 _EXPORTS = {
     "InputError": "owl_sparse.errors",

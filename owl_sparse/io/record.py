@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..args import DTYPES, is_int
 from ..errors import InputError
 from ..formats.bitmap import TILE_K, TILE_N, VALUES_PAD, padded_shape
