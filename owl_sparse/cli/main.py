@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
+from ..pruning.config import ALLOCATIONS, METHODS
 from .demo_defaults import DEMO_DEFAULTS
 from .options import check_format, resolve_device, resolve_dtype
 
@@ -103,14 +104,15 @@ def _add_pruning(p, *, sparsity_help: str, sparsity: float | None) -> None:
     p.add_argument(
         "--method",
         default="wanda",
-        choices=["magnitude", "wanda", "sparsegpt"],
+        choices=list(METHODS),
         help="importance score (default wanda)",
     )
     p.add_argument(
         "--allocation",
         default="owl",
-        choices=["uniform", "owl", "sensitivity"],
-        help="layerwise sparsity allocation (default owl)",
+        choices=list(ALLOCATIONS),
+        help="layerwise sparsity allocation (default owl; 'tuned' picks uniform, OWL or "
+        "sensitivity settings on held-out calibration windows)",
     )
     p.add_argument("--sparsity", type=float, default=sparsity, help=sparsity_help)
     p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4")

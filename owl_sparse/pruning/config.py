@@ -13,7 +13,7 @@ from ..args import as_int, is_real
 from ..errors import InputError
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-ALLOCATIONS = ("uniform", "owl", "sensitivity")
+ALLOCATIONS = ("uniform", "owl", "sensitivity", "tuned")
 DEFAULT_SPARSITY = 0.7
 # OWL caps a block's sparsity here (the reference code's cap); a block below 0 cannot be pruned
 # either. The reference code clips such blocks (to 0.99 / 0.01), which moves the mean off the
@@ -93,7 +93,10 @@ class PruneConfig:
         allocation: ``"uniform"`` (every layer at `sparsity`), ``"owl"`` (per-block
             sparsity from outlier ratios, Yin et al. 2023) or ``"sensitivity"`` (per-block
             sparsity from second-order error curves, after Shao et al. 2023; derivation in
-            `owl_sparse.pruning.allocate`).
+            `owl_sparse.pruning.allocate`) or ``"tuned"`` (uniform, OWL or sensitivity,
+            whichever setting of a small grid gives the lowest loss on held-out
+            calibration windows, uniform unless beaten; `owl_sparse.pruning.tune`; then
+            `owl_m` and `owl_lambda` are ignored).
         owl_m: OWL's outlier threshold: a score is an outlier above ``owl_m`` x the block mean.
         owl_lambda: OWL: block sparsities spread over ``2 * owl_lambda`` with their mean at
             the target (``target +- owl_lambda`` for symmetric outlier ratios); they must

@@ -25,8 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..evaluate.perplexity import perplexity
 from ..models.structure import conv1d_to_linear_, find_decoder_blocks, find_linears
 from . import allocate as alloc
+from . import tune
 from .calibrate import (
     BlockInputs,
     auto_batch_size,
@@ -73,6 +75,7 @@ def prune(
     batch_size: int | None = None,
     inputs: BlockInputs | None = None,
     profile: DenseProfile | None = None,
+    held_out: torch.Tensor | None = None,
     keep_masks: bool = True,
     progress: bool = False,
 ) -> PruneReport:
@@ -88,6 +91,11 @@ def prune(
         batch_size: calibration samples per block forward (default: `auto_batch_size`).
         inputs: block-0 inputs from `capture_block_inputs` to reuse (not modified).
         profile: a `DenseProfile` of this model on this calibration set, to skip the dense pass.
+        held_out: allocation ``"tuned"`` only: int64 token ids [h, seqlen] to choose the
+            allocation on (`owl_sparse.pruning.tune`). Default: the last quarter of
+            ``calibration`` is held out and the rest feeds the statistics. With ``inputs``
+            or ``profile`` given, ``held_out`` is required (they are then taken to be of
+            ``calibration`` as passed) and ``report.allocation_search`` has the trials.
         keep_masks: keep the masks (CPU bool, True = kept) in ``report.masks``.
         progress: show progress bars.
 
@@ -118,6 +126,18 @@ def prune(
     check_blocks(structure, config)
     if calibration is not None or (config.needs_calibration and inputs is None):
         check_calibration(model, calibration)
+    tuned = config.allocation == "tuned"
+    if held_out is not None and not tuned:
+        raise InputError("held_out is only used by allocation 'tuned'")
+    if tuned:
+        if held_out is None:
+            if inputs is not None or profile is not None:
+                raise InputError(
+                    "allocation 'tuned' with inputs or profile needs held_out: the windows "
+                    "held out must not be among those the statistics came from"
+                )
+            calibration, held_out = tune.split_calibration(calibration)
+        check_calibration(model, held_out)
     was_training = model.training
     model.eval()
     dense_needed = config.allocation != "uniform"
@@ -135,8 +155,27 @@ def prune(
             used["batch_size"] = batch_size or auto_batch_size(model, n, seqlen, device, dtype)
             return capture_block_inputs(model, blocks, calibration, device, used["batch_size"])
 
-        summaries = None
-        if dense_needed:
+        summaries, search = None, None
+        if tuned:
+            t = time.perf_counter()
+            if profile is None:
+                profile = _dense_pass(structure, get_inputs(), device, None, progress)[0]
+            timings["dense_pass_s"] = _lap(t, device)
+            t = time.perf_counter()
+
+            def allocate_for(cand):
+                summ = (
+                    None
+                    if cand.allocation == "uniform"
+                    else _summaries_from_profile(structure, profile, device, cand)
+                )
+                return _allocate(structure, cand, summ), summ
+
+            finalists, search = tune.search(
+                model, structure, config, profile, held_out, device, allocate_for
+            )
+            timings["allocation_search_s"] = _lap(t, device)
+        elif dense_needed:
             t = time.perf_counter()
             summaries = (
                 _summaries_from_profile(structure, profile, device, config)
@@ -144,13 +183,22 @@ def prune(
                 else _dense_pass(structure, get_inputs(), device, config, progress)[1]
             )
             timings["dense_pass_s"] = _lap(t, device)
+        if not tuned:
+            t = time.perf_counter()
+            finalists = [(config, _allocate(structure, config, summaries), summaries)]
+            timings["allocate_s"] = _lap(t, device)
         t = time.perf_counter()
-        targets = _allocate(structure, config, summaries)
-        timings["allocate_s"] = _lap(t, device)
-        t = time.perf_counter()
-        block_inputs = get_inputs() if forwards_needed else None
-        records, masks = _prune_pass(
-            structure, block_inputs, device, config, targets, keep_masks, progress
+        records, masks, summaries = _prune_finalists(
+            model,
+            structure,
+            finalists,
+            get_inputs if forwards_needed else None,
+            held_out,
+            device,
+            config,
+            keep_masks,
+            progress,
+            search,
         )
         timings["prune_pass_s"] = _lap(t, device)
     model.train(was_training)
@@ -160,6 +208,7 @@ def prune(
         device=str(device),
         calibration={
             "samples_x_seqlen": None if calibration is None else list(calibration.shape),
+            "held_out": None if held_out is None else list(held_out.shape),
             "batch_size": used["batch_size"],
         },
         wall_time_s=time.perf_counter() - start,
@@ -167,6 +216,7 @@ def prune(
         peak_memory_bytes=mem.peak_bytes,
         peak_memory_kind=mem.kind,
         masks=masks,
+        allocation_search=search,
     )
     report.add_layers(records, summaries)
     return report
@@ -279,6 +329,54 @@ def _allocate(structure, config, summaries) -> dict[tuple[int, str], Target]:
     curves = [s["curve"] for s in summaries]
     levels = alloc.sensitivity_levels(curves, config.sparsity)
     return {(i, n): curves[i].target(levels[i], nm) for i, n, _ in names}
+
+
+def _prune_finalists(
+    model,
+    structure,
+    finalists,
+    get_inputs,
+    held_out,
+    device,
+    config,
+    keep_masks,
+    progress,
+    search,
+):
+    """Prune with the one finalist's targets; with two (tuned: uniform and the proxy's
+    pick) prune with each, score both on ``held_out`` and keep the pick only if it beats
+    uniform beyond noise (`tune.paired_gain`), else restore the uniform result. Records
+    the choice in ``search``. Returns (records, masks, summaries) of the one kept."""
+    if len(finalists) == 1:
+        cand, targets, summaries = finalists[0]
+        inputs = get_inputs() if get_inputs else None
+        records, masks = _prune_pass(
+            structure, inputs, device, config, targets, keep_masks, progress
+        )
+        if search is not None:
+            search["chosen"] = tune.describe(cand)
+        return records, masks, summaries
+    dense = tune.snapshot_weights(structure)
+    runs = []
+    for k, (cand, targets, summaries) in enumerate(finalists):
+        if k:
+            tune.restore_weights(structure, dense)
+        inputs = get_inputs() if get_inputs else None
+        records, masks = _prune_pass(
+            structure, inputs, device, config, targets, keep_masks, progress
+        )
+        nll = perplexity(model, held_out, batch_size=4, progress=False).window_nll
+        runs.append((cand, records, masks, summaries, torch.tensor(nll, dtype=torch.float64)))
+        if k == 0:
+            pruned_uniform = tune.snapshot_weights(structure)
+    del dense
+    gain, se, beats = tune.paired_gain(runs[1][4], runs[0][4])
+    search["confirmed"] = {"gain_over_uniform_nll": gain, "standard_error": se}
+    if not beats:
+        tune.restore_weights(structure, pruned_uniform)
+    cand, records, masks, summaries, _ = runs[1] if beats else runs[0]
+    search["chosen"] = tune.describe(cand)
+    return records, masks, summaries
 
 
 def _prune_pass(structure, inputs, device, config, targets, keep_masks, progress):

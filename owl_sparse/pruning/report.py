@@ -53,6 +53,8 @@ class PruneReport:
 
     ``masks`` maps each pruned layer's fully qualified name to a CPU bool tensor
     ``[out, in]``, True where the weight is kept; it is not serialised by `to_dict`.
+    ``allocation_search`` (allocation ``"tuned"`` only): the chosen setting, every trial's
+    held-out loss and the settings skipped (`owl_sparse.pruning.tune.search`).
     """
 
     config: dict
@@ -66,6 +68,7 @@ class PruneReport:
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
     masks: dict = field(default_factory=dict, repr=False)
+    allocation_search: dict | None = None
 
     @property
     def achieved_sparsity(self) -> float:
@@ -125,6 +128,13 @@ class PruneReport:
                 for r in self.layers
             ]
             text += "\n\n" + format_table(["layer", "shape", "target", "achieved"], lrows)
+        if self.allocation_search is not None:
+            chosen = ", ".join(f"{k} {v}" for k, v in self.allocation_search["chosen"].items())
+            text += (
+                f"\n\ntuned allocation: {chosen} ({len(self.allocation_search['trials'])} "
+                "settings scored on held-out calibration windows; uniform unless beaten "
+                "beyond noise)"
+            )
         mem = self.peak_memory_bytes / 2**20
         text += (
             f"\n\noverall sparsity {100 * self.achieved_sparsity:.2f}%, wall time "
