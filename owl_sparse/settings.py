@@ -25,6 +25,9 @@ variable                       meaning
 ``OWL_SPARSE_AUTOTUNE``        0: Triton kernels use their first config (no autotuning)
 ``OWL_SPARSE_CPU_ISA``         the CPU kernels' instruction set: portable, avx2, avx512 or
                                avx512_bf16 (default: the best this CPU runs)
+``OWL_SPARSE_MAX_TEXT_MB``     largest text file read for calibration or evaluation, in
+                               MiB (default 1024; a larger file, or an endless device such
+                               as ``/dev/zero``, is refused)
 ``OWL_SPARSE_BENCH_SIZE``      matrix size of the pytest-benchmark smoke file (2048)
 ``OWL_SPARSE_COMMIT``          commit recorded in benchmark results (default: git's)
 ``TRITON_INTERPRET``           Triton's own switch: 1 runs Triton kernels on the CPU
@@ -62,6 +65,7 @@ class Settings:
     autotune: bool
     cpu_isa: str | None
     compile_decode: bool
+    max_text_bytes: int
     bench_size: int
     commit: str | None
     triton_interpret: bool
@@ -168,6 +172,7 @@ def read(env=None) -> Settings:
         autotune=_flag(env, "OWL_SPARSE_AUTOTUNE", default=True),
         cpu_isa=_cpu_isa(env),
         compile_decode=_flag(env, "OWL_SPARSE_COMPILE_DECODE", default=True),
+        max_text_bytes=_positive_int(env, "OWL_SPARSE_MAX_TEXT_MB", 1024) * 2**20,
         bench_size=_positive_int(env, "OWL_SPARSE_BENCH_SIZE", 2048),
         commit=env.get("OWL_SPARSE_COMMIT") or None,
         triton_interpret=_flag(env, "TRITON_INTERPRET"),

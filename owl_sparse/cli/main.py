@@ -538,6 +538,10 @@ def main(argv=None) -> int:
         return _error(e)
     except FileNotFoundError as e:
         return _error(f"{e.filename or e}: no such file")
+    except FloatingPointError as e:  # NaN / Inf logits: the model's numbers, not a crash
+        return _error(f"numerical failure: {e}")
+    except MemoryError:
+        return _error("out of memory (try a smaller --batch-size, --seqlen or model)")
     except OSError as e:  # permissions, a full disk, a path through a file: not a traceback
         return _error(e)
     if args.json:

@@ -22,14 +22,23 @@ DATASET_NAMES = ("wikitext2", "c4", "pydoc")
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """Read a UTF-8 text file; errors name the file and the problem."""
+    """Read a UTF-8 text file of at most ``OWL_SPARSE_MAX_TEXT_MB``; errors name the file
+    and the problem (missing, a directory, too large or endless, not UTF-8, empty)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise InputError(f"{p}: no such text file")
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected a UTF-8 text file")
+    limit = settings.get().max_text_bytes
+    with open(p, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InputError(
+            f"{p}: more than {limit // 2**20} MiB of text (OWL_SPARSE_MAX_TEXT_MB raises the "
+            "limit); calibration and evaluation need far less"
+        )
     try:
-        text = p.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{p}: not UTF-8 text (byte {e.start})") from e
     if not text.strip():

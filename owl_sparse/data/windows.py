@@ -23,6 +23,13 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     Returns a 1-D int64 tensor. Special tokens are added as the tokenizer does by default
     (for LLaMA-style tokenizers: one BOS at the start of the stream).
     """
+    if tokenizer is None or not callable(tokenizer):
+        raise InputError(
+            "the model has no tokenizer (its directory holds no tokenizer files): save one "
+            "beside the weights"
+            if tokenizer is None
+            else f"tokenizer {type(tokenizer).__name__} is not callable"
+        )
     enc = tokenizer(text, return_tensors="pt")
     ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
     ids = torch.as_tensor(ids).reshape(-1).to(torch.int64)

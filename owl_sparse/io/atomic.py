@@ -84,6 +84,7 @@ def foreign_entries(path: Path) -> list[str]:
 def check_replaceable(target: str | os.PathLike, is_ours, what: str) -> None:
     """Raise InputError unless a save may write ``target`` (checked before any work).
 
+    The directory the save writes in must accept a new file (`_check_writable`).
     ``target`` may be missing (its first existing ancestor must be a directory), an empty
     directory, or a directory for which ``is_ours(target)`` is true and that holds only
     files our writers produce (otherwise the InputError lists the others: a save
@@ -97,7 +98,9 @@ def check_replaceable(target: str | os.PathLike, is_ours, what: str) -> None:
             parent = parent.parent
         if not parent.is_dir():
             raise InputError(f"{target}: cannot create it, {parent} is not a directory")
+        _check_writable(parent, target)
         return
+    _check_writable(target.parent, target)
     if not target.is_dir():
         raise InputError(f"{target} exists and is not a directory; refusing to replace it")
     if not any(target.iterdir()):
@@ -111,6 +114,20 @@ def check_replaceable(target: str | os.PathLike, is_ours, what: str) -> None:
             f"{target} is {what} but also holds {shown}; saving replaces the whole "
             "directory, so move those away first (nothing was written)"
         )
+
+
+def _check_writable(directory: Path, target: Path) -> None:
+    """InputError unless a file can be created in ``directory`` (where the save's
+    temporaries go): permissions, a read-only file system, a pseudo file system such as
+    /proc. Probed by creating and removing an empty file, which also holds for root."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(target, "probe"), dir=directory)
+    except OSError as e:
+        raise InputError(
+            f"{target}: cannot write in {directory} ({e.strerror or e}); nothing was done"
+        ) from e
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _umask() -> int:
@@ -186,7 +203,7 @@ def _temp_prefix(target: Path, kind: str) -> str:
     return f".{target.name}.{kind}-{os.getpid()}-"
 
 
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]+$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|probe)-(?P<pid>\d+)-[^/]+$")
 
 
 def _alive(pid: int) -> bool:
@@ -215,7 +232,14 @@ def recover_interrupted(target: str | os.PathLike) -> list[Path]:
     done = []
     for entry in sorted(parent.iterdir()):
         m = _TEMP.match(entry.name)
-        if not (m and m["name"] == target.name and entry.is_dir()) or _alive(int(m["pid"])):
+        if not (m and m["name"] == target.name) or _alive(int(m["pid"])):
+            continue
+        if m["kind"] == "probe":  # `_check_writable`'s empty file
+            if entry.is_file() and not entry.is_symlink():
+                entry.unlink()
+                done.append(entry)
+            continue
+        if not entry.is_dir():
             continue
         previous = entry / "previous"
         if m["kind"] == "old" and previous.is_dir() and not target.exists():

@@ -80,3 +80,18 @@ def test_cli_prune_checks_before_loading(
     argv = [a for a in _prune_argv(hf_dir, text_file) if a != "0.5" and a != "--sparsity"]
     assert main(argv + extra) == 2
     one_line_error(capsys, *[f.format(**subs) for f in fragments])
+
+
+def test_nan_logits_are_one_line_exit_2(hf_dir, text_file, capsys, monkeypatch):
+    """Finite weights can still overflow to NaN logits (fp16, extreme inputs): the CLI
+    reports the numerical failure in one line instead of a traceback."""
+    import owl_sparse.evaluate as evaluate
+
+    def nan(*a, **k):
+        raise FloatingPointError("perplexity is not finite: the model produced NaN or Inf logits")
+
+    monkeypatch.setattr(evaluate, "perplexity", nan)
+    code = main(["eval", "--model", str(hf_dir), "--eval-text", str(text_file), "--seqlen", "8"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "numerical failure" in err and "Traceback" not in err

@@ -30,3 +30,23 @@ def test_builtin_text_needs_no_download():
 def test_wikitext_from_shared_data(shared_data):
     text = load_text("wikitext2")
     assert text == read_text(shared_data / "wikitext-2-raw" / "wiki.test.raw")
+
+
+def test_text_size_is_bounded(tmp_path, monkeypatch):
+    from owl_sparse import settings
+
+    monkeypatch.setenv("OWL_SPARSE_MAX_TEXT_MB", "1")
+    settings.reload()
+    exact = tmp_path / "exact.txt"
+    exact.write_bytes(b"a" * 2**20)
+    assert len(read_text(exact)) == 2**20
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"a" * (2**20 + 1))
+    with pytest.raises(InputError, match="more than 1 MiB"):
+        read_text(big)
+    with pytest.raises(InputError, match="more than 1 MiB"):
+        read_text("/dev/zero")  # endless: refused after the limit, not read forever
+    monkeypatch.setenv("OWL_SPARSE_MAX_TEXT_MB", "lots")
+    settings.reload()
+    with pytest.raises(InputError, match="OWL_SPARSE_MAX_TEXT_MB"):
+        read_text(exact)

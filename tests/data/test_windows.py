@@ -98,3 +98,12 @@ def test_token_streams_and_counts_are_checked():
     with pytest.raises(InputError, match="max_windows must be an integer >= 1, got 1.5"):
         eval_windows(torch.arange(100), 10, max_windows=1.5)
     assert eval_windows(torch.arange(100, dtype=torch.int32), np.int64(10)).shape == (10, 10)
+
+
+def test_tokenize_without_a_tokenizer_is_one_clear_error():
+    from owl_sparse.data import tokenize
+
+    with pytest.raises(InputError, match="no tokenizer"):
+        tokenize(None, "some text")
+    with pytest.raises(InputError, match="not callable"):
+        tokenize(object(), "some text")

@@ -132,3 +132,28 @@ def test_exchange_swaps_two_directories(tmp_path):
     (b / "x").write_text("b")
     assert atomic.exchange(a, b)
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def test_an_unwritable_destination_is_refused_before_any_work(tmp_path):
+    """/proc refuses new files even to root: the check probes, it does not trust modes."""
+    from owl_sparse.errors import InputError
+    from owl_sparse.io.atomic import check_replaceable
+
+    with pytest.raises(InputError, match="cannot write in /proc"):
+        check_replaceable("/proc/owl-sparse-out", lambda p: True, "a checkpoint")
+    check_replaceable(tmp_path / "new" / "ck", lambda p: True, "a checkpoint")
+    assert list(tmp_path.iterdir()) == []  # the probe left nothing behind
+
+
+def test_cli_prune_refuses_an_unwritable_out_before_loading(hf_dir, text_file, monkeypatch, capsys):
+    import owl_sparse.models.load as load
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(load, "load_model", never)
+    from owl_sparse.cli.main import main
+
+    argv = ["prune", "--model", str(hf_dir), "--calib-text", str(text_file), "--out"]
+    assert main(argv + ["/proc/owl-sparse-out"]) == 2
+    assert "cannot write in /proc" in capsys.readouterr().err
