@@ -191,6 +191,7 @@ def run_demo(args: DemoConfig) -> dict:
     record(f"pruned ({args.method}+{args.allocation}, zeros in dense)", achieved, pruned_ppl, None)
 
     swapped = sparsify_(model, format=args.format, masks=report.masks)
+    report.masks.clear()  # the packed layers hold them now (a bool per weight otherwise)
     print(swapped)
     packed_ppl = perplexity(model, windows, progress=progress).perplexity
     packed_served = serve()

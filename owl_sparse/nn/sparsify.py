@@ -16,6 +16,7 @@ from ..errors import InputError
 from ..formats import resolve_format
 from ..formats._common import check_mask
 from .linear import SparseLinear, dense_weight_of, is_linear
+from .memory import external_memory, own_memory_, return_freed_memory
 
 
 @dataclass
@@ -96,7 +97,11 @@ def sparsify_(
 
     Every layer is checked (mask, meta device, dtype, 2:4 groups, size) before any is
     packed, so bad input leaves the model unchanged; layers are then packed and swapped one
-    at a time, so peak memory is the dense model plus one packed layer.
+    at a time, so peak memory is the dense model plus one packed layer. Afterwards the
+    dense weights' memory goes back to the system on a CPU: where they were views of a
+    memory-mapped weight file (how transformers loads), the tensors the model keeps from
+    that file are copied into memory of their own so the mapping is released
+    (`owl_sparse.nn.memory`).
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"sparsify_: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -179,8 +184,10 @@ def sparsify_(
         del weight, keep
     # 2. Pack and swap one layer at a time: each dense layer is freed (when nothing else
     # holds it) before the next is packed.
+    from_mapping = False
     while planned:
         name, module, mask, fmt, sparsity = planned.pop(0)
+        from_mapping |= external_memory(module.weight)
         new = SparseLinear.from_linear(module, fmt, mask)
         dense_bytes = module.weight.numel() * module.weight.element_size()
         shape = (new.out_features, new.in_features)
@@ -188,7 +195,12 @@ def sparsify_(
         for parent, attr in slots.get(id(module), []):
             setattr(parent, attr, new)
         del module, new
+    # 3. Give the dense weights' memory back (nn/memory.py): a weight file's mapping lives
+    # while any tensor from it does, so the survivors get memory of their own.
+    if from_mapping:
+        own_memory_(model)
     if report.swapped:
+        return_freed_memory()
         for hook in _AFTER_SPARSIFY:
             hook(model)
     return report

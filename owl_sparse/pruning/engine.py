@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..evaluate.perplexity import perplexity
 from ..models.structure import conv1d_to_linear_, find_decoder_blocks, find_linears
+from ..nn.memory import return_freed_memory
 from . import allocate as alloc
 from . import tune
 from .calibrate import (
@@ -219,6 +220,7 @@ def prune(
         allocation_search=search,
     )
     report.add_layers(records, summaries)
+    return_freed_memory()  # calibration activations, scores, Hessians: back to the system
     return report
 
 
