@@ -91,6 +91,8 @@ def main(argv=None) -> dict:
     from owl_sparse.pruning import DenseProfile, PruneConfig, capture_block_inputs, dense_profile
     from owl_sparse.pruning import prune as prune_model
 
+    from .common import environment
+
     args = build_parser().parse_args(argv)
     wanted = configs(
         _choice(args.methods, METHODS, "methods"),
@@ -131,6 +133,7 @@ def main(argv=None) -> dict:
         "quarter out",
         "evaluation": f"first {windows.shape[0]} windows x {args.seqlen} tokens of {eval_path.name}",
         "owl": {"m": 5.0, "lambda": 0.08},
+        "environment": environment(device),
         "command": "OWL_SPARSE_DATA=../shared/data python -m benchmarks.quality "
         + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
     }
@@ -294,6 +297,11 @@ def render(done: dict) -> str:
         f"({total_s / max(len(res), 1):.0f} s per run)",
         f"- regenerate: `{proto.get('command')}`",
     ]
+    if proto.get("environment"):
+        env = proto["environment"]
+        lines.insert(
+            -1, f"- run: {env.get('device')}, commit {env.get('commit')}, {env.get('date')}"
+        )
     dense = res.get("dense")
     for measure, title in (
         ("perplexity", "WikiText-2 perplexity (lower is better)"),

@@ -109,10 +109,11 @@ def _add_pruning(p, *, sparsity_help: str, sparsity: float | None) -> None:
     )
     p.add_argument(
         "--allocation",
-        default="owl",
+        default="tuned",
         choices=list(ALLOCATIONS),
-        help="layerwise sparsity allocation (default owl; 'tuned' picks uniform, OWL or "
-        "sensitivity settings on held-out calibration windows)",
+        help="layerwise sparsity allocation (default tuned: uniform unless an OWL or "
+        "sensitivity setting beats it on a held-out quarter of the calibration windows; "
+        "about 2-3x the time of owl; see benchmarks/results/quality-smollm2-seeds.md)",
     )
     p.add_argument("--sparsity", type=float, default=sparsity, help=sparsity_help)
     p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4")
@@ -481,6 +482,7 @@ def cmd_prune(args) -> dict:
             save_dense(model, path, tokenizer, prune_report=report)
         else:
             sparsify_(model, format=fmt, masks=report.masks)
+            report.masks.clear()  # the packed layers hold them now (a bool per weight otherwise)
             settings = {
                 "calib_text": args.calib_text,
                 "calib_samples": args.calib_samples,
