@@ -354,3 +354,34 @@ def test_cpu_kernel_bench_tiny_grid(tmp_path):
     assert json.loads(saved.read_text())["entries"]
     assert out.with_suffix(".md").read_text().count("|") > 10
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_memory_bench_reports_every_stage_per_variant(shared_data, tmp_path):
+    from benchmarks import memory
+
+    out = tmp_path / "mem"
+    doc = memory.main(
+        [
+            "--model",
+            "stories260k",
+            "--samples",
+            "4",
+            "--seqlen",
+            "64",
+            "--new-tokens",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
+    stages = {v: [s["stage"] for s in r["stages"]] for v, r in doc["results"].items()}
+    assert stages == {
+        "dense": ["start", "loaded", "served"],
+        "packed": ["start", "loaded", "pruned", "packed", "served"],
+    }
+    for r in doc["results"].values():
+        peaks = [s["peak_mib"] for s in r["stages"]]
+        assert peaks == sorted(peaks)  # a lifetime peak never falls
+        assert all(s["peak_mib"] >= s["rss_mib"] - 1 for s in r["stages"])
+    assert json.loads(out.with_suffix(".json").read_text())["command"].startswith("python -m")
+    assert "lifetime peak MiB" in out.with_suffix(".md").read_text()
