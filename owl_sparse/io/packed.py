@@ -12,7 +12,8 @@ A checkpoint directory holds
   packed file as if it were dense;
 - ``sparsity.json`` (`RECORD`): format, shape, nnz and sparsity per layer, the pruning
   method, allocation and its parameters, a hash of the calibration settings, package
-  versions, the tied-weight map, the sha256 of config.json and the size of the weights.
+  versions, the tied-weight map, the sha256 of config.json and the size and sha256 of the
+  weights file (checked as the weights are read: one flipped bit is refused).
 
 Saving checks first what loading will check (every floating tensor with the same
 `skeleton.check_values`, each packed layer's invariants, every tensor's name, dtype and
@@ -61,7 +62,13 @@ from .record import (
     versions,
     weight_index,
 )
-from .safetensors import SafeReader, TensorEntry, read_header, write_safetensors
+from .safetensors import (
+    SafeReader,
+    TensorEntry,
+    file_sha256,
+    read_header,
+    write_safetensors,
+)
 from .state import finish, has_conv1d, packed_state, sparse_layers
 from .tokenizer import load_tokenizer, save_tokenizer
 
@@ -192,8 +199,12 @@ def save_pretrained(
         save_tokenizer(tokenizer, tmp)
         if write_report and prune_report is not None:
             (tmp / REPORT).write_text(prune_report.to_json(indent=1))
-        size = write_safetensors(tmp / WEIGHTS, tensors, {"format": "pt", "owl_sparse": "1"})
+        digest = hashlib.sha256()
+        size = write_safetensors(
+            tmp / WEIGHTS, tensors, {"format": "pt", "owl_sparse": "1"}, hasher=digest
+        )
         record["weights_bytes"] = size
+        record["weights_sha256"] = digest.hexdigest()
         index = weight_index(tensors, WEIGHTS, size)
         (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
         record["config_sha256"] = hashlib.sha256(config_bytes).hexdigest()
@@ -300,13 +311,25 @@ def open_checkpoint(path) -> tuple[dict, Path]:
     return record, weights
 
 
+def verify_weights(record: dict, weights: Path) -> None:
+    """Hash the whole weights file (one extra read) against the record's sha256; for
+    readers that do not go through `SafeReader` (transformers' own loader).  Raises
+    InputError on a mismatch; a record without the hash (older saves) is not checked."""
+    expected = record.get("weights_sha256")
+    if expected is not None and file_sha256(weights) != expected:
+        raise InputError(
+            f"{weights}: contents differ from the saved file (sha256 mismatch): the weights "
+            "are corrupted or were edited"
+        )
+
+
 def load_packed(path, device=None, dtype: torch.dtype | None = None):
     """Load the owl-sparse checkpoint in directory ``path``; arguments, result and errors as
     for `owl_sparse.io.load_pretrained`, which also opens compressed-tensors checkpoints."""
     path = Path(path)
     dtype, device = parse_dtype(dtype), parse_device(device)
     record, weights = open_checkpoint(path)
-    reader = SafeReader(weights)
+    reader = SafeReader(weights, sha256=record.get("weights_sha256"))
     config = skeleton.load_config(path)
     # The config hash only says the file is the one saved: anyone crafting a checkpoint can
     # recompute it. Its values (load_config) and layer count are checked before a model is
@@ -319,6 +342,7 @@ def load_packed(path, device=None, dtype: torch.dtype | None = None):
         )
     with reader:
         fill_model(model, reader, record["layers"], record["tied"], weights)
+        reader.verify()  # the sha256 of every byte just read against the record's
     return finish(model, device, dtype, path), load_tokenizer(path)
 
 
@@ -330,12 +354,15 @@ def fill_model(model: nn.Module, reader: SafeReader, layers: dict, tied: dict, w
     """
     expected = skeleton.expected_tensors(model)
     plan = plan_tensors(model, expected, {"layers": layers, "tied": tied}, reader.entries, where)
+    # Read in file order (each byte once, hashed as it is read), then check and place.
+    wanted = [*plan.dense, *(e.name for es in plan.packed.values() for e in es.values())]
+    data = {n: reader.get(n) for n in reader.in_file_order(wanted)}
     for name in plan.dense:
-        t = reader.get(name)
+        t = data.pop(name)
         skeleton.check_values(name, t, where)
         skeleton.place_tensor(model, name, t)
     for name, entries in plan.packed.items():
-        state = {f"{name}.{key}": reader.get(e.name) for key, e in entries.items()}
+        state = {f"{name}.{key}": data.pop(e.name) for key, e in entries.items()}
         bias = state.pop(f"{name}.bias", None)
         try:
             packed = FORMATS[layers[name]["format"]].from_state_dict(state, f"{name}.")

@@ -130,6 +130,12 @@ def read_record(path: Path) -> dict:
         where,
         f"weights_bytes must be an int >= 8, got {rec.get('weights_bytes')!r}",
     )
+    wsha = rec.get("weights_sha256")  # absent from older checkpoints: then not checked
+    _need(
+        wsha is None or (isinstance(wsha, str) and bool(re.fullmatch(r"[0-9a-f]{64}", wsha))),
+        where,
+        "weights_sha256 must be 64 hex digits",
+    )
     sha = rec.get("config_sha256")
     _need(
         isinstance(sha, str) and bool(re.fullmatch(r"[0-9a-f]{64}", sha)),

@@ -12,7 +12,9 @@ the JSON, every dtype and shape, and that every tensor's declared size equals it
 span, lies inside the file and that the spans tile the data section exactly (the same
 rules as the reference ``safetensors`` implementation, which reads our files and whose
 files we read).  `SafeReader` then reads each tensor's raw little-endian bytes at its
-checked offsets into a fresh tensor (no memory map, see its docstring).
+checked offsets into a fresh tensor (no memory map, see its docstring); given the file's
+sha256 it hashes the bytes as it reads them (one pass) and `SafeReader.verify` refuses a
+file whose contents differ (a flipped bit anywhere, in a value, a bitmap or the header).
 
 `write_safetensors` writes tensors one at a time (no whole-file buffer in memory), pads
 the header to 8 bytes like the reference implementation, and fsyncs the file.
@@ -20,6 +22,7 @@ the header to 8 bytes like the reference implementation, and fsyncs the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -216,13 +219,22 @@ class SafeReader:
     shrinks between the header check and the read raises InputError.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, sha256: str | None = None):
+        """``sha256``: the file's expected digest (hex); then every byte read is hashed and
+        `verify` compares. Reading the tensors in file order (`in_file_order`) reads each
+        byte once; bytes skipped over are read for the hash as well."""
         self.path = Path(path)
         self.entries, self.metadata, self._data_start = parse_header(self.path)
         self._file = None
+        self._expected = sha256
+        self._hash = None
+        self._hashed = 0  # data-section bytes hashed so far
 
     def __enter__(self) -> SafeReader:
         self._file = open(self.path, "rb")
+        if self._expected is not None:
+            self._hash = hashlib.sha256(self._file.read(self._data_start))
+            self._hashed = 0
         return self
 
     def __exit__(self, *exc):
@@ -230,12 +242,28 @@ class SafeReader:
             self._file.close()
         self._file = None
 
+    def in_file_order(self, names) -> list[str]:
+        """``names`` sorted by where their data lies in the file."""
+        return sorted(names, key=lambda n: self.entries[n].begin if n in self.entries else -1)
+
+    def _hash_until(self, end: int) -> None:
+        """Hash the data section up to ``end`` (bytes not read as tensors yet)."""
+        self._file.seek(self._data_start + self._hashed)
+        while self._hashed < end:
+            chunk = self._file.read(min(end - self._hashed, 1 << 24))
+            if not chunk:
+                raise InputError(f"{self.path}: file truncated at byte {self._hashed}")
+            self._hash.update(chunk)
+            self._hashed += len(chunk)
+
     def get(self, name: str) -> torch.Tensor:
         entry = self.entries.get(name)
         if entry is None:
             raise InputError(f"{self.path}: missing tensor {name!r}")
         out = torch.empty(entry.shape, dtype=entry.dtype)
         if entry.nbytes:
+            if self._hash is not None and entry.begin > self._hashed:
+                self._hash_until(entry.begin)
             buf = out.reshape(-1).view(torch.uint8).numpy()
             self._file.seek(self._data_start + entry.begin)
             got = self._file.readinto(memoryview(buf))
@@ -243,7 +271,22 @@ class SafeReader:
                 raise InputError(
                     f"{self.path}: tensor {name!r}: read {got} of {entry.nbytes} bytes (file truncated?)"
                 )
+            if self._hash is not None and entry.begin == self._hashed:
+                self._hash.update(memoryview(buf))
+                self._hashed = entry.end
         return out
+
+    def verify(self) -> None:
+        """Hash what was not read yet and compare with the expected sha256 (no-op without
+        one). Raises InputError when the file's contents differ from those saved."""
+        if self._hash is None:
+            return
+        self._hash_until(self.path.stat().st_size - self._data_start)
+        if self._hash.hexdigest() != self._expected:
+            raise InputError(
+                f"{self.path}: contents differ from the saved file (sha256 mismatch): the "
+                "weights are corrupted or were edited"
+            )
 
 
 def header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=None) -> bytes:
@@ -271,24 +314,38 @@ def file_size(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=
 
 
 def write_safetensors(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata=None
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata=None, hasher=None
 ) -> int:
     """Write ``tensors`` (CPU or not, any layout) as one safetensors file and fsync it.
 
-    Tensors are copied to CPU and written one at a time.  Returns the file size in bytes.
+    Tensors are copied to CPU and written one at a time; ``hasher`` (a ``hashlib`` object),
+    when given, is updated with every byte written.  Returns the file size in bytes.
     """
     for name, t in tensors.items():
         if t.dtype not in DTYPE_NAMES:
             raise InputError(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
     entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
     head = header_bytes(entries, metadata)
+    update = hasher.update if hasher is not None else (lambda _: None)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
+        for part in (struct.pack("<Q", len(head)), head):
+            f.write(part)
+            update(part)
         for t in tensors.values():
             if t.numel():
                 flat = t.detach().to("cpu").contiguous().reshape(-1)
-                f.write(flat.view(torch.uint8).numpy().data)
+                data = flat.view(torch.uint8).numpy().data
+                f.write(data)
+                update(data)
         f.flush()
         os.fsync(f.fileno())
         return f.tell()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a whole file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()

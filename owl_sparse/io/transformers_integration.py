@@ -47,7 +47,7 @@ from ..nn import SparseLinear
 from ..nn.linear import NoDenseWeightError
 from ..nn.sparsify import register_after_sparsify
 from . import skeleton
-from .packed import RECORD, open_checkpoint, save_pretrained
+from .packed import RECORD, open_checkpoint, save_pretrained, verify_weights
 from .record import QUANT_METHOD, plan_tensors
 from .safetensors import read_header
 
@@ -200,6 +200,7 @@ def register() -> bool:
                 raise InputError(
                     f"{files[0]}: not the weights file {weights.name} its record names"
                 )
+            verify_weights(record, weights)  # transformers reads the file itself
             entries, _ = read_header(weights)
             _install(model, record, entries, weights)
             self._record, self._where = record, weights

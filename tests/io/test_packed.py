@@ -152,8 +152,8 @@ def test_failed_save_leaves_old_checkpoint_and_no_debris(tmp_path, monkeypatch):
     before = logits(load_pretrained(tmp_path / "ck")[0], 128)
     real_write = checkpoint.write_safetensors
 
-    def failing_write(path, tensors, metadata=None):
-        real_write(path, dict(list(tensors.items())[:3]), metadata)
+    def failing_write(path, tensors, metadata=None, hasher=None):
+        real_write(path, dict(list(tensors.items())[:3]), metadata, hasher)
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "write_safetensors", failing_write)

@@ -19,7 +19,13 @@ from safetensors.torch import load_file
 from owl_sparse.errors import InputError
 from owl_sparse.io import RECORD, WEIGHTS, load_pretrained, save_pretrained
 from owl_sparse.io.compressed_tensors import export_compressed_tensors
-from owl_sparse.io.safetensors import read_header, write_safetensors
+from owl_sparse.io.safetensors import (
+    SafeReader,
+    file_sha256,
+    parse_header,
+    read_header,
+    write_safetensors,
+)
 from owl_sparse.nn import sparsify_
 
 Q0 = "model.layers.0.self_attn.q_proj"  # a bitmap layer of the base checkpoint
@@ -60,9 +66,11 @@ def ck(tmp_path, base) -> Path:
 
 
 def _sync_size(ck: Path) -> None:
-    """Record the weights file's current size (a hostile file that is self-consistent)."""
+    """Record the weights file's current size and sha256 (a hostile file that is
+    self-consistent: only the checks behind the hash can catch it)."""
     rec = json.loads((ck / RECORD).read_text())
     rec["weights_bytes"] = (ck / WEIGHTS).stat().st_size
+    rec["weights_sha256"] = file_sha256(ck / WEIGHTS)
     (ck / RECORD).write_text(json.dumps(rec))
 
 
@@ -380,3 +388,62 @@ def test_fuzz_loader_loads_finite_or_raises_input_error(base, tmp_path_factory, 
         assert torch.isfinite(out).all()
     finally:
         shutil.rmtree(ck.parent, ignore_errors=True)
+
+
+def _flip_bit(path: Path, offset: int, bit: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ (1 << bit)]))
+
+
+def _data_offset(path: Path, name: str) -> int:
+    entries, _, start = parse_header(path)
+    return start + entries[name].begin
+
+
+def test_one_flipped_value_bit_is_refused(ck):
+    """Corruption no structural check can see: one bit of one value (size unchanged)."""
+    name = next(n for n in parse_header(ck / WEIGHTS)[0] if n.endswith("q_proj.values"))
+    _flip_bit(ck / WEIGHTS, _data_offset(ck / WEIGHTS, name) + 1, 0)
+    with pytest.raises(InputError, match="sha256 mismatch"):
+        load_pretrained(ck)
+
+
+def test_bitmap_bit_swap_keeping_the_popcount_is_refused(ck):
+    """Two bitmap bits exchanged (one set, one cleared): every count still matches."""
+    reader = SafeReader(ck / WEIGHTS)
+    name = next(n for n in reader.entries if n.endswith(".bitmap"))
+    with reader:
+        words = reader.get(name).reshape(-1).view(torch.int32)
+    w = int(words[0]) & 0xFFFFFFFF
+    on = next(b for b in range(32) if w >> b & 1)
+    off = next(b for b in range(32) if not w >> b & 1)
+    at = _data_offset(ck / WEIGHTS, name)
+    for b in (on, off):  # little-endian: bit b of word 0 is bit b % 8 of byte b // 8
+        _flip_bit(ck / WEIGHTS, at + b // 8, b % 8)
+    with pytest.raises(InputError, match="sha256 mismatch"):
+        load_pretrained(ck)
+
+
+def test_intact_checkpoint_records_and_matches_its_hash(ck):
+    rec = json.loads((ck / RECORD).read_text())
+    assert rec["weights_sha256"] == file_sha256(ck / WEIGHTS)
+    load_pretrained(ck)  # verifies
+
+
+def test_checkpoint_without_a_hash_still_loads(ck):
+    """Checkpoints saved before the hash was recorded load (unchecked), as before."""
+    rec = json.loads((ck / RECORD).read_text())
+    del rec["weights_sha256"]
+    (ck / RECORD).write_text(json.dumps(rec))
+    load_pretrained(ck)
+
+
+def test_malformed_hash_is_named(ck):
+    rec = json.loads((ck / RECORD).read_text())
+    rec["weights_sha256"] = "xyz"
+    (ck / RECORD).write_text(json.dumps(rec))
+    with pytest.raises(InputError, match="weights_sha256 must be 64 hex digits"):
+        load_pretrained(ck)

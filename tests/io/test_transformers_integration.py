@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from owl_sparse.errors import InputError
 from owl_sparse.io import RECORD, WEIGHTS, load_pretrained, save_pretrained
 from owl_sparse.io.record import INDEX, QUANT_METHOD
+from owl_sparse.io.safetensors import file_sha256
 from owl_sparse.nn import SparseLinear
 
 
@@ -65,8 +66,8 @@ def test_no_dense_weight_is_materialised(tmp_path, monkeypatch):
 
 
 def _edit_weights(path, edit) -> None:
-    """Rewrite the weights file with ``edit(tensors)`` applied, and the size the record
-    keeps (so only the edit itself can be caught)."""
+    """Rewrite the weights file with ``edit(tensors)`` applied, and the size and sha256 the
+    record keeps (so only the edit itself can be caught)."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(path / WEIGHTS)
@@ -74,6 +75,7 @@ def _edit_weights(path, edit) -> None:
     save_file(tensors, path / WEIGHTS, metadata={"format": "pt"})
     record = json.loads((path / RECORD).read_text())
     record["weights_bytes"] = (path / WEIGHTS).stat().st_size
+    record["weights_sha256"] = file_sha256(path / WEIGHTS)
     (path / RECORD).write_text(json.dumps(record))
 
 
@@ -179,3 +181,14 @@ with torch.no_grad():
     assert int(n) == _n_sparse(model)
     assert float(total) == pytest.approx(expected, rel=1e-6)
     assert REPO.is_dir()
+
+
+def test_flipped_weight_bit_is_refused_by_from_pretrained(tmp_path):
+    _, path = _saved(tmp_path)
+    with open(path / WEIGHTS, "r+b") as f:
+        f.seek(-3, 2)  # a byte of the last tensor's data
+        byte = f.read(1)[0]
+        f.seek(-3, 2)
+        f.write(bytes([byte ^ 0x10]))
+    with pytest.raises(InputError, match="sha256 mismatch"):
+        AutoModelForCausalLM.from_pretrained(path)
