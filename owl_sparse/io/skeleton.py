@@ -114,7 +114,8 @@ def meta_model(config, dtype: torch.dtype, conv1d_to_linear: bool = False) -> nn
     try:
         with _params_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+    # AssertionError: torch modules assert on their arguments (an Embedding's padding_idx).
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, AssertionError) as e:
         raise InputError(f"cannot build a {config.model_type!r} model from its config ({e})") from e
     if conv1d_to_linear:
         conv1d_to_linear_(model)

@@ -76,6 +76,10 @@ def _floats(value, path: str):
             stack.extend((f"{name}[{i}]", x) for i, x in enumerate(v))
 
 
+# The dtype names a config.json may carry (transformers writes the torch name).
+_DTYPE_NAMES = frozenset({"float32", "float16", "bfloat16", "float64", "auto"})
+
+
 def check_config_values(values: dict, where) -> None:
     """``values``: a config.json as parsed. Sizes positive integers within bounds, every
     float finite (the epsilons and rope_theta > 0, also inside ``rope_parameters``), heads
@@ -103,6 +107,23 @@ def check_config_values(values: dict, where) -> None:
             raise InputError(f"{where}: config {name} = {v!r}: not a finite number")
         if name.rsplit(".", 1)[-1] in _POSITIVE and v <= 0:
             raise InputError(f"{where}: config {name} = {v!r}: expected a number > 0")
+    for key in ("dtype", "torch_dtype"):
+        v = values.get(key)
+        if v is not None and not (isinstance(v, str) and v in _DTYPE_NAMES):
+            raise InputError(
+                f"{where}: config {key} = {v!r}: expected one of {', '.join(sorted(_DTYPE_NAMES))}"
+            )
+    # Token ids: non-negative ints (a list for eos); the padding id indexes the embedding,
+    # so it must lie inside the vocabulary (bos / eos of real configs sometimes do not).
+    vocab = merged.get("vocab_size") if _is_int(merged.get("vocab_size")) else 2**31
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        v = merged.get(key)
+        top = vocab if key == "pad_token_id" else 2**31
+        for tid in v if isinstance(v, list) else [v]:
+            if tid is not None and not (_is_int(tid) and 0 <= tid < top):
+                raise InputError(
+                    f"{where}: config {key} = {v!r}: expected a token id in [0, {top}) or null"
+                )
     hidden = merged.get("hidden_size", merged.get("n_embd"))
     heads = merged.get("num_attention_heads", merged.get("n_head"))
     if _is_int(hidden) and _is_int(heads) and merged.get("head_dim") is None and hidden % heads:

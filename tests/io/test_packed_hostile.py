@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from factories import _Payload, tiny_model
+from fuzzing import mutate_bytes, mutate_header_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -328,37 +329,6 @@ def mutations(draw):
     )
 
 
-def _mutate(data: bytes, kind: str, seed: int, payload: list[int], header_len: int) -> bytes:
-    gen = torch.Generator().manual_seed(seed)
-    buf = bytearray(data)
-    if kind in ("bytes", "header_bytes"):
-        span = min(len(buf), 8 + header_len) if kind == "header_bytes" else len(buf)
-        for b in payload:
-            buf[int(torch.randint(0, span, (1,), generator=gen))] = b
-    elif kind == "truncate":
-        del buf[int(torch.randint(0, len(buf), (1,), generator=gen)) :]
-    elif kind == "insert":
-        pos = int(torch.randint(0, len(buf), (1,), generator=gen))
-        buf[pos:pos] = bytes(payload)
-    return bytes(buf)
-
-
-def _mutate_header_json(data: bytes, seed: int, payload: list[int]) -> bytes:
-    """Change one number of one header entry (shape or offset) to a chosen value."""
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    names = sorted(k for k in header if k != "__metadata__")
-    gen = torch.Generator().manual_seed(seed)
-    entry = header[names[int(torch.randint(0, len(names), (1,), generator=gen))]]
-    field = "shape" if payload[0] % 2 and entry["shape"] else "data_offsets"
-    vals = entry[field]
-    i = int(torch.randint(0, len(vals), (1,), generator=gen))
-    vals[i] = [0, 1, vals[i] + 1, vals[i] - 1, vals[i] * 2, 2**62, payload[-1]][payload[0] % 7]
-    new = json.dumps(header).encode()
-    new += b" " * (-len(new) % 8)
-    return struct.pack("<Q", len(new)) + new + data[8 + n :]
-
-
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -372,9 +342,11 @@ def test_fuzz_loader_loads_finite_or_raises_input_error(base, tmp_path_factory, 
     data = (ck / target).read_bytes()
     header_len = struct.unpack("<Q", data[:8])[0] if target == WEIGHTS else len(data)
     if kind == "header_json" and target == WEIGHTS:
-        data = _mutate_header_json(data, seed, payload)
+        data = mutate_header_json(data, seed, payload)
     else:
-        data = _mutate(data, kind if kind != "header_json" else "bytes", seed, payload, header_len)
+        data = mutate_bytes(
+            data, kind if kind != "header_json" else "bytes", seed, payload, header_len
+        )
     (ck / target).write_bytes(data)
     if sync and target == WEIGHTS:
         _sync_size(ck)  # a self-consistent attacker also fixes the recorded size

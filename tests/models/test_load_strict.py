@@ -7,11 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import struct
 import time
 
 import pytest
 import torch
 from factories import _packed_model, _tokenizer, one_line_error, tiny_model
+from fuzzing import mutate_bytes, mutate_config, mutate_header_json
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from owl_sparse.cli.main import main
 from owl_sparse.errors import InputError
@@ -151,4 +155,71 @@ def test_nan_weight_is_refused(hf_dir, tmp_path):
 
     _edit_weights(d, poison)
     with pytest.raises(InputError, match="q_proj.weight.*NaN"):
+        load_model(d)
+
+
+# ------------------------------------------------------------------ fuzz
+@st.composite
+def _dense_mutations(draw):
+    target = draw(st.sampled_from(["model.safetensors"] * 3 + ["config.json"] * 3))
+    kind = draw(st.sampled_from(["bytes", "header_bytes", "truncate", "insert", "header_json"]))
+    payload = draw(st.lists(st.integers(0, 255), min_size=1, max_size=8))
+    return target, kind, draw(st.integers(0, 2**32)), payload
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(mutation=_dense_mutations())
+def test_fuzz_dense_directory_loads_finite_or_raises_input_error(
+    hf_dir, tmp_path_factory, mutation
+):
+    """Mutated dense HF directories (weights bytes and header numbers, config values): the
+    loader returns a model with finite logits or raises InputError, quickly; anything
+    else (another exception, a hang, a silent model of the wrong size) is a bug."""
+    target, kind, seed, payload = mutation
+    d = tmp_path_factory.mktemp("fuzz") / "m"
+    shutil.copytree(hf_dir, d)
+    data = (d / target).read_bytes()
+    if target == "config.json":
+        data = mutate_config(data, seed, payload)
+    elif kind == "header_json":
+        data = mutate_header_json(data, seed, payload)
+    else:
+        header_len = struct.unpack("<Q", data[:8])[0]
+        data = mutate_bytes(data, kind, seed, payload, header_len)
+    (d / target).write_bytes(data)
+    start = time.perf_counter()
+    try:
+        try:
+            model, _ = load_model(d)
+        except InputError:
+            return
+        with torch.no_grad():
+            out = model(torch.tensor([[1, 5, 9, 2]])).logits
+        assert torch.isfinite(out).all()
+    finally:
+        assert time.perf_counter() - start < 60, "a mutated directory took over a minute"
+        shutil.rmtree(d.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize("value", [1e308, "int3", ["float32"]])
+def test_config_dtype_must_name_a_dtype(hf_dir, tmp_path, value):
+    """Found by the fuzz: a number as ``dtype`` crashed transformers' config (IndexError)."""
+    d = _copy(hf_dir, tmp_path)
+    _edit_config(d, dtype=value)
+    with pytest.raises(InputError, match="config dtype"):
+        load_model(d)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("pad_token_id", 2**31), ("pad_token_id", 10**5), ("bos_token_id", -1), ("eos_token_id", "x")],
+)
+def test_config_token_ids_are_checked(hf_dir, tmp_path, key, value):
+    """Found by the fuzz: pad_token_id 2**31 tripped an assert inside nn.Embedding; the
+    padding id must lie in the vocabulary, every id be a non-negative int."""
+    d = _copy(hf_dir, tmp_path)
+    _edit_config(d, **{key: value})
+    with pytest.raises(InputError, match=f"config {key}"):
         load_model(d)

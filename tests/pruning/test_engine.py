@@ -207,3 +207,20 @@ def test_cuda_with_blocks_offloaded_matches_cpu():
     assert report.peak_memory_kind == "cuda_max_allocated" and report.peak_memory_bytes > 0
     for name, keep in cpu.masks.items():
         assert (report.masks[name] == keep).float().mean() > 0.97, name
+
+
+def test_cpu_batches_stay_within_the_activation_budget():
+    """On a CPU, calibration batches are sized so live activations stay near 128 MiB
+    (a bigger batch raised SmolLM2-135M pruning's peak RSS by ~0.5 GiB and bought nothing)."""
+    from types import SimpleNamespace
+
+    from owl_sparse.pruning.calibrate import CPU_ACTIVATION_BUDGET, auto_batch_size
+
+    cfg = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_attention_heads=9)
+    model = SimpleNamespace(config=cfg)
+    cpu = torch.device("cpu")
+    b = auto_batch_size(model, 32, 256, cpu, torch.float32)
+    per_sample = 256 * (10 * 576 + 4 * 1536 + 9 * 256) * 4
+    assert 1 <= b < 32 and b * per_sample <= CPU_ACTIVATION_BUDGET * 1.25
+    assert -(-32 // b) * b - 32 < -(-32 // b)  # balanced: batches differ by at most one
+    assert auto_batch_size(model, 3, 4096, cpu, torch.float32) == 1  # never zero
