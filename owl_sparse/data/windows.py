@@ -13,6 +13,7 @@ import torch
 from ..args import is_int
 from ..errors import InputError
 from ..models.structure import max_context
+from ..nn.memory import return_freed_memory
 
 TOKEN_ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding accepts as indices
 
@@ -33,6 +34,10 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     enc = tokenizer(text, return_tensors="pt")
     ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
     ids = torch.as_tensor(ids).reshape(-1).to(torch.int64)
+    del enc
+    # A fast tokenizer's buffers for a long text (~150 MiB for WikiText-2 valid's 1.1 MB)
+    # are freed by now; hand them back instead of leaving them under whatever runs next.
+    return_freed_memory()
     if ids.numel() == 0:
         raise InputError("the text tokenized to zero tokens")
     return ids

@@ -32,6 +32,7 @@ from ..io.compressed_tensors import is_compressed_tensors_dir
 from ..io.load import load_pretrained
 from ..io.packed import RECORD, WEIGHTS
 from ..io.tokenizer import load_tokenizer
+from ..nn.memory import own_memory_
 from .llama2c import load_llama2c
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype | None = None, device
 
     Returns:
         ``(model, tokenizer)``: a ``transformers`` ``PreTrainedModel`` in eval mode and a
-        tokenizer with ``encode``/``decode``/``__call__``.
+        tokenizer with ``encode``/``decode``/``__call__``. On the CPU the weights live in
+        memory of their own, not in a mapping of the file.
 
     Raises:
         InputError: unknown name, missing file, a file of an unsupported kind, pickle-only
@@ -68,6 +70,11 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype | None = None, device
     """
     dtype, device = parse_dtype(dtype), parse_device(device)
     model, tokenizer = _load(str(spec))
+    if device is None or device.type == "cpu":
+        # transformers hands back views of the memory-mapped weight file; memory of the
+        # model's own (copied tensor by tensor, nn/memory.py) lets pruning write and
+        # packing free each layer without the mapping holding every page until the end.
+        own_memory_(model)
     if dtype is not None:
         skeleton.check_fits(model, dtype, spec)
         model = model.to(dtype)

@@ -145,7 +145,7 @@ def sparsify_(
                 f"(linear layers: {sorted(known)[:6]}{' ...' if len(known) > 6 else ''})"
             )
     # 1. Check every layer (mask, meta device, dtype, 2:4 groups, size) without packing.
-    planned: list[tuple[str, nn.Module, Tensor | None, str, float]] = []
+    planned: list[tuple[str, nn.Module, bool, str, float]] = []  # has_mask
     for name, module in list(model.named_modules()):
         if not is_linear(module):
             continue
@@ -180,15 +180,20 @@ def sparsify_(
             fmt = resolve_format(weight, keep, format)
         except InputError as exc:
             raise InputError(f"sparsify_: layer {name!r}: {exc}") from exc
-        planned.append((name, module, mask, fmt, sparsity))
-        del weight, keep
+        # Only the plan is kept: holding every layer's mask (a byte per weight once looked
+        # up) until the last layer is packed would cost as much as a quarter of fp32
+        # weights; each is looked up again when its layer is packed.
+        planned.append((name, module, mask is not None, fmt, sparsity))
+        del weight, keep, mask
     # 2. Pack and swap one layer at a time: each dense layer is freed (when nothing else
     # holds it) before the next is packed.
     from_mapping = False
     while planned:
-        name, module, mask, fmt, sparsity = planned.pop(0)
+        name, module, has_mask, fmt, sparsity = planned.pop(0)
         from_mapping |= external_memory(module.weight)
+        mask = _mask_of(masks, names[id(module)]) if has_mask else None
         new = SparseLinear.from_linear(module, fmt, mask)
+        del mask
         dense_bytes = module.weight.numel() * module.weight.element_size()
         shape = (new.out_features, new.in_features)
         report.swapped.append(SwappedLayer(name, fmt, shape, sparsity, dense_bytes, new.nbytes))

@@ -16,11 +16,12 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from ..text_table import format_table
+from .mask_store import MaskStore
 
 
 @dataclass
@@ -52,7 +53,8 @@ class PruneReport:
     """Result of `owl_sparse.prune`.
 
     ``masks`` maps each pruned layer's fully qualified name to a CPU bool tensor
-    ``[out, in]``, True where the weight is kept; it is not serialised by `to_dict`.
+    ``[out, in]``, True where the weight is kept (a `MaskStore`, one bit per weight); it is
+    not serialised by `to_dict`.
     ``allocation_search`` (allocation ``"tuned"`` only): the chosen setting, every trial's
     held-out loss and the settings skipped (`owl_sparse.pruning.tune.search`).
     """
@@ -67,7 +69,7 @@ class PruneReport:
     phase_time_s: dict = field(default_factory=dict)
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
-    masks: dict = field(default_factory=dict, repr=False)
+    masks: MaskStore = field(default_factory=MaskStore, repr=False)
     allocation_search: dict | None = None
 
     @property
@@ -93,7 +95,8 @@ class PruneReport:
             self.layers.extend(layers)
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "masks"}
+        out = asdict(replace(self, masks=MaskStore()))  # never deep-copies the masks
+        del out["masks"]
         out["achieved_sparsity"] = self.achieved_sparsity
         return out
 

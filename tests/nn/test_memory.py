@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from owl_sparse.models import load_model
-from owl_sparse.nn import SparseLinear, sparsify_
-from owl_sparse.nn.memory import external_memory, own_memory_, return_freed_memory
+from owl_sparse.nn import SparseLinear, memory, sparsify_
+from owl_sparse.nn.memory import (
+    external_memory,
+    own_memory_,
+    release_pages,
+    return_freed_memory,
+)
 
 
 def _mapped(path: Path) -> bool:
@@ -26,7 +31,10 @@ def _prune_in_place(model, keep=0.3, seed=0):
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
 def test_sparsify_releases_the_weight_file_mapping(hf_dir):
-    model, _ = load_model(hf_dir)
+    from transformers import AutoModelForCausalLM
+
+    # Loaded by transformers itself (load_model would own the memory at once).
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     weights = hf_dir / "model.safetensors"
     if not any(external_memory(p) for p in model.parameters()):
         pytest.skip("this transformers copies weights on load: nothing is mapped")
@@ -81,3 +89,62 @@ def test_return_freed_memory_asks_glibc():
     import platform
 
     assert return_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_load_model_owns_cpu_memory_and_unmaps_the_file(hf_dir):
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    expected = {k: v.clone() for k, v in reference.state_dict().items()}
+    del reference
+    gc.collect()
+    model, _ = load_model(hf_dir)
+    gc.collect()
+    assert not any(external_memory(t) for t in [*model.parameters(), *model.buffers()])
+    assert not _mapped(hf_dir / "model.safetensors")
+    got = model.state_dict()
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
+def _mapped_tensor(tmp_path, numel, seed=0):
+    """A float32 tensor of ``numel`` random values in a private mapping of a file."""
+    import mmap
+
+    values = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    path = tmp_path / f"w{seed}.bin"
+    path.write_bytes(values.numpy().tobytes())
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+    return torch.frombuffer(mm, dtype=torch.float32), values, mm
+
+
+@pytest.mark.parametrize("numel", [1, 1000, 3 * 4096 + 5, 300_001])
+def test_own_memory_copies_piece_by_piece(tmp_path, monkeypatch, numel):
+    monkeypatch.setattr(memory, "_COPY_CHUNK_BYTES", 4096 * 3)  # several pieces, odd ends
+    t, values, _mm = _mapped_tensor(tmp_path, numel)
+    lin = torch.nn.Linear(1, 1, bias=False)
+    lin.weight.data = t.view(numel, 1)
+    assert external_memory(lin.weight)
+    assert own_memory_(lin) == 1
+    assert not external_memory(lin.weight)
+    assert torch.equal(lin.weight.view(-1), values)
+    # The source, its pages handed back, still reads the same values.
+    assert torch.equal(t, values)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_release_pages_never_changes_contents(tmp_path):
+    t, values, _mm = _mapped_tensor(tmp_path, 64 * 1024, seed=1)
+    t[:10].zero_()  # a private page written through the mapping: must survive
+    expected = values.clone()
+    expected[:10] = 0
+    released = release_pages(t)
+    assert isinstance(released, bool)
+    assert torch.equal(t, expected)
+    assert release_pages(t[:3]) is False  # smaller than a page: nothing to hand back
+    assert release_pages(t.view(256, 256).t()) is False  # not contiguous
