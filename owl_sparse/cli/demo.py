@@ -8,7 +8,6 @@ documentation prose and calibrates on text sampled from the dense model itself.
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass
@@ -240,12 +239,12 @@ def run_demo(args: DemoConfig) -> dict:
     )
     if settings.get().ci:
         print("(CI run: timings on a shared CPU are indicative only)")
-    return {
-        "model": str(args.model),
-        "text": description,
-        "calibration": calib_description,
-        "config": dataclasses.asdict(config),
+    return {  # the CLI adds command, model and seconds (cli/main.py JSON_KEYS)
+        "eval_text": description,
+        "calib_text": calib_description,
+        "prune": report.to_dict(),
         "results": results,
+        "out": str(out_dir),
         "checkpoint": checkpoint,
         "decode_speedup": speedup,
         "sparsify": {

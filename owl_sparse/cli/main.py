@@ -317,10 +317,8 @@ def cmd_eval(args) -> dict:
     start = time.perf_counter()
     result = perplexity(model, windows, batch_size=args.batch_size, progress=not args.quiet)
     out = {
-        "model": str(args.model),
-        "text": str(args.eval_text),
-        **result.to_dict(),
-        "seconds": round(time.perf_counter() - start, 3),
+        "eval_text": str(args.eval_text),
+        "perplexity": {**result.to_dict(), "seconds": round(time.perf_counter() - start, 3)},
     }
     print(
         f"perplexity {result.perplexity:.3f} over {result.windows} windows of "
@@ -354,7 +352,7 @@ def cmd_info(args) -> dict:
             f"{p['layers']} packed layers: {p['bytes'] / 2**20:.2f} MiB "
             f"({p['dense_bytes'] / 2**20:.2f} MiB dense)"
         )
-    return info
+    return {"info": info}
 
 
 def cmd_demo(args) -> dict:
@@ -405,7 +403,7 @@ def cmd_generate(args) -> dict:
         f"tokens/s (batch {result.batch_size}, CUDA graph: {result.cuda_graph})",
         file=sys.stderr if args.json else sys.stdout,
     )
-    return {"model": str(args.model), "prompts": prompts, **result.to_dict()}
+    return {"prompts": prompts, "generation": result.to_dict()}
 
 
 def cmd_prune(args) -> dict:
@@ -467,7 +465,7 @@ def cmd_prune(args) -> dict:
     except PruneError as e:
         raise InputError(str(e)) from e
     print(report)
-    out = {"model": str(args.model), "calib_text": args.calib_text, **report.to_dict()}
+    out = {"calib_text": args.calib_text, "prune": report.to_dict()}
     if eval_text is not None:
         windows = eval_windows(tokenize(tokenizer, eval_text), args.seqlen, args.eval_windows)
         result = perplexity(model.to(device), windows, progress=not args.quiet)
@@ -534,6 +532,7 @@ def main(argv=None) -> int:
         return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.WARNING, format="owl-sparse: %(message)s")
     _quiet_transformers()
+    start = time.perf_counter()
     try:
         result = args.func(args)
     except InputError as e:
@@ -547,8 +546,34 @@ def main(argv=None) -> int:
     except OSError as e:  # permissions, a full disk, a path through a file: not a traceback
         return _error(e)
     if args.json:
-        print(json.dumps(result, default=str))
+        print(json.dumps(json_envelope(args, result, time.perf_counter() - start), default=str))
     return 0
+
+
+# The top-level keys of every subcommand's --json object, for the same thing everywhere.
+JSON_KEYS = {
+    "command": "the subcommand",
+    "model": "the model as given",
+    "seconds": "wall time of the whole command",
+    "eval_text": "the evaluation text as given (eval, prune, demo)",
+    "calib_text": "the calibration text as given (prune, demo)",
+    "perplexity": "{perplexity, windows, seqlen, tokens, mean_nll[, seconds]} (eval, prune)",
+    "prune": "the pruning report: config, blocks, layers, times, memory (prune, demo)",
+    "generation": "texts, token ids, prefill and decode timings (generate)",
+    "prompts": "the prompts as run (generate)",
+    "info": "the model's structure and packed layers (info)",
+    "out": "the checkpoint written (prune --out, demo --out)",
+}
+
+
+def json_envelope(args, result: dict, seconds: float) -> dict:
+    """``result`` of a subcommand with the keys every subcommand shares (`JSON_KEYS`)."""
+    return {
+        "command": args.command,
+        "model": None if getattr(args, "model", None) is None else str(args.model),
+        **result,
+        "seconds": round(seconds, 3),
+    }
 
 
 if __name__ == "__main__":

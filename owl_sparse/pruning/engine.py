@@ -178,7 +178,7 @@ def prune(
                 return _allocate(structure, cand, summ), summ
 
             finalists, search = tune.search(
-                model, structure, config, profile, held_out, device, allocate_for
+                model, structure, config, profile, held_out, device, allocate_for, progress=progress
             )
             timings["allocation_search_s"] = _lap(t, device)
         elif dense_needed:

@@ -45,6 +45,7 @@ import dataclasses
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..evaluate.perplexity import perplexity
@@ -107,7 +108,9 @@ def describe(config) -> dict:
 
 
 @torch.no_grad()
-def search(model, structure, config, profile, held_out, device, allocate, batch_size=None):
+def search(
+    model, structure, config, profile, held_out, device, allocate, batch_size=None, progress=False
+):
     """Run the grid (module doc, steps 2-3).
 
     Args:
@@ -120,6 +123,7 @@ def search(model, structure, config, profile, held_out, device, allocate, batch_
         allocate: ``allocate(candidate_config) -> (targets, summaries)`` (the engine's
             allocation for one candidate).
         batch_size: held-out windows per forward (default 4).
+        progress: one progress bar over the settings tried.
 
     Returns:
         (finalists, report): finalists is ``[(uniform config, targets, summaries)]``, plus
@@ -131,7 +135,7 @@ def search(model, structure, config, profile, held_out, device, allocate, batch_
     shapes = {k: tuple(w.shape) for k, w in originals.items()}
     trials, seen, losses = [], [], []
     try:
-        for cand in tried:
+        for cand in tqdm(tried, desc="allocation search", disable=not progress):
             targets, summaries = allocate(cand)
             key = sorted((k, t.sparsity, t.nm) for k, t in targets.items())
             if key in seen:

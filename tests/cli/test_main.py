@@ -51,13 +51,15 @@ def test_eval_json_is_last_line(model_dir, text_file, capsys):
     assert code == 0
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
-    assert result["windows"] == 700 // 64 and result["seqlen"] == 64
-    assert result["perplexity"] > 1
+    assert result["command"] == "eval" and result["model"] == str(model_dir)
+    ppl = result["perplexity"]
+    assert ppl["windows"] == 700 // 64 and ppl["seqlen"] == 64
+    assert ppl["perplexity"] > 1
 
 
 def test_info_json(model_dir, capsys):
     assert main(["info", "--model", str(model_dir), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["info"]
     assert info["num_blocks"] == 2 and "mlp.down_proj" in info["block_linears"]
 
 
@@ -136,7 +138,7 @@ def test_cli_prune_writes_a_checkpoint(tmp_path, capsys):
     ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert result["prune"]["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
     assert result["perplexity"]["windows"] == 4
     saved = json.loads((tmp_path / "out" / "prune_report.json").read_text())
     assert saved["config"]["allocation"] == "owl"
@@ -191,8 +193,8 @@ def test_cli_prune_calibrates_on_text_sampled_from_the_model(tmp_path, capsys):
     ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["calibration"]["samples_x_seqlen"] == [2, 8]
-    assert result["achieved_sparsity"] == pytest.approx(0.5)
+    assert result["prune"]["calibration"]["samples_x_seqlen"] == [2, 8]
+    assert result["prune"]["achieved_sparsity"] == pytest.approx(0.5)
 
 
 def test_cli_prune_out_then_eval_and_generate(tmp_path, shared_data, capsys):
@@ -211,7 +213,8 @@ def test_cli_prune_out_then_eval_and_generate(tmp_path, shared_data, capsys):
     assert {spec["format"] for spec in record["layers"].values()} == {"bitmap"}
     eval_args = ["eval", "--model", str(tmp_path / "ck"), "--text", str(text), "--seqlen", "32"]
     assert main(eval_args + ["--max-windows", "2", "--quiet", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["windows"] == 2
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["perplexity"]["windows"] == 2
     gen_args = ["generate", str(tmp_path / "ck"), "--prompt", "Once upon a time"]
     assert main(gen_args + ["--max-new-tokens", "8", "--json", "--device", "cpu"]) == 0
     assert "Once upon a time" in capsys.readouterr().out

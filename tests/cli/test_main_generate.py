@@ -32,8 +32,10 @@ def test_cli_generate_json_and_batch(model_dir, capsys):
         "--json",
     ]
     assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["prompts"] == ["w5 w6 w7"] * 3 and out["batch_size"] == 3
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["command"] == "generate" and result["prompts"] == ["w5 w6 w7"] * 3
+    out = result["generation"]
+    assert out["batch_size"] == 3
     assert len(out["token_ids"]) == 3 and all(len(t) == 4 for t in out["token_ids"])
     assert out["token_ids"][0] == out["token_ids"][2]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 from factories import _prune_argv, one_line_error
@@ -113,10 +114,10 @@ def test_prune_calib_seqlen_defaults_to_seqlen_and_can_differ(hf_dir, text_file,
     seqlen = int(argv[i + 1])
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["calibration"]["samples_x_seqlen"][1] == seqlen
+    assert result["prune"]["calibration"]["samples_x_seqlen"][1] == seqlen
     assert main([*argv, "--calib-seqlen", str(seqlen // 2)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["calibration"]["samples_x_seqlen"][1] == seqlen // 2
+    assert result["prune"]["calibration"]["samples_x_seqlen"][1] == seqlen // 2
 
 
 def test_prune_out_opens_with_plain_transformers_in_a_fresh_process(hf_dir, text_file, tmp_path):
@@ -135,3 +136,64 @@ def test_prune_out_opens_with_plain_transformers_in_a_fresh_process(hf_dir, text
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((out / RECORD).read_text())
     assert int(done.stdout.split()[-1]) == len(record["layers"]) > 0
+
+
+# Keys only one subcommand has (the demo's table rows, its checkpoint check and speed-up).
+OWN_KEYS = {"demo": {"results", "checkpoint", "decode_speedup", "sparsify"}}
+
+
+def _json_runs(hf_dir, text_file, tmp_path):
+    model, text = str(hf_dir), str(text_file)
+    common = ["--quiet", "--json", "--device", "cpu"]
+    yield "info", ["info", "--model", model, "--quiet", "--json"]
+    yield "eval", ["eval", "--model", model, "--eval-text", text, "--seqlen", "32", *common]
+    yield "generate", ["generate", model, "--prompt", "w1 w2", "--max-new-tokens", "3", *common]
+    yield (
+        "prune",
+        _prune_argv(hf_dir, text_file, "--eval-text", text, "--eval-windows", "2", "--json")
+        + ["--out", str(tmp_path / "pruned")],
+    )
+    yield "demo", [
+        "demo", "--model", model, "--eval-text", text, "--eval-windows", "2", "--seqlen", "32",
+        "--calib-text", text, "--calib-samples", "2", "--method", "magnitude", "--allocation",
+        "uniform", "--sparsity", "0.5", "--max-new-tokens", "3", "--out", str(tmp_path / "demo"),
+        *common,
+    ]  # fmt: skip
+
+
+def test_every_json_uses_the_same_keys_for_the_same_things(hf_dir, text_file, tmp_path, capsys):
+    from owl_sparse.cli.main import JSON_KEYS
+
+    seen = set()
+    for command, argv in _json_runs(hf_dir, text_file, tmp_path):
+        assert main(argv) == 0, command
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["command"] == command and result["model"] == str(hf_dir), command
+        assert result["seconds"] > 0, command
+        extra = set(result) - set(JSON_KEYS) - OWN_KEYS.get(command, set())
+        assert not extra, f"{command} --json has keys outside cli.main.JSON_KEYS: {extra}"
+        if "perplexity" in result:
+            assert {"perplexity", "windows", "seqlen"} <= set(result["perplexity"]), command
+        if "prune" in result:
+            assert {"config", "layers", "achieved_sparsity"} <= set(result["prune"]), command
+        if "out" in result:
+            assert (tmp_path / result["out"]).is_dir(), command
+        seen |= set(result)
+    assert "perplexity" in seen and "prune" in seen and "out" in seen
+
+
+def test_long_work_shows_one_bar_per_stage(hf_dir, text_file, capsys):
+    argv = [a for a in _prune_argv(hf_dir, text_file, "--method", "wanda") if a != "--quiet"]
+    argv[argv.index("uniform")] = "tuned"
+    argv += ["--calib-samples", "8", "--eval-text", str(text_file), "--eval-windows", "2"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.replace("\r", "\n")
+    stages = []
+    for line in err.splitlines():
+        m = re.match(r"\s*([a-z][a-z ]+?):\s+\d+%\|", line)
+        if m and (not stages or stages[-1] != m.group(1)):
+            stages.append(m.group(1))
+    # each stage's bar runs to its end before the next starts: no bar inside a bar
+    assert stages[:2] == ["dense pass", "allocation search"], stages
+    assert stages[-1] == "perplexity" and "wanda" in stages, stages
+    assert all(stages.count(s) == 1 for s in ("dense pass", "allocation search")), stages
