@@ -385,3 +385,18 @@ def test_memory_bench_reports_every_stage_per_variant(shared_data, tmp_path):
         assert all(s["peak_mib"] >= s["rss_mib"] - 1 for s in r["stages"])
     assert json.loads(out.with_suffix(".json").read_text())["command"].startswith("python -m")
     assert "lifetime peak MiB" in out.with_suffix(".md").read_text()
+
+
+def test_cpu_dense_layers_reduced(monkeypatch, tmp_path):
+    from benchmarks import cpu_dense_layers
+
+    monkeypatch.setattr(cpu_dense_layers, "SHAPES", {"odd 40x200": (40, 200), "b 17x64": (17, 64)})
+    monkeypatch.setattr(cpu_dense_layers, "llc_bytes", lambda: 64 * 2**10)
+    doc = cpu_dense_layers.main(
+        ["--tokens", "1,3", "--target-s", "0.003", "--out", str(tmp_path / "d")]
+    )
+    assert len(doc["rows"]) == 2 * 2 * 2
+    for r in doc["rows"]:
+        assert r["rel_err"] < 2e-2, r  # both contenders against fp32
+        assert r["time_us"] > 0 and r["copies"] >= 2
+    assert (tmp_path / "d.md").read_text().count("x |") >= 1 and (tmp_path / "d.json").is_file()

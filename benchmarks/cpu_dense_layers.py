@@ -1,0 +1,174 @@
+"""Dense layers on a CPU at decode sizes: torch's ``F.linear`` against the owl-sparse bitmap
+kernel reading the same weights packed with an all-ones mask (dense values plus a 1/16
+bitmap), to size what a dense GEMV of our own would buy the dense model and the packed
+models' dense LM head.
+
+For each layer shape of SmolLM2-135M (its decoder linears and the tied 49152 x 576 head)
+and each token count, both contenders cycle through enough copies of their weights to cover
+3x the last-level cache the machine reports (capped at 2048 copies: the smallest layers'
+sets may then still fit the cache, noted per row), take turns over 3 rounds, and report the
+median time and GB/s of weight bytes.
+
+    python -m benchmarks.cpu_dense_layers --out benchmarks/results/cpu-dense-layers-<date>
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import (
+    env_markdown,
+    environment,
+    gbps,
+    llc_bytes,
+    markdown_table,
+    time_calls,
+    write_json,
+)
+
+SHAPES = {  # SmolLM2-135M: hidden 576, 9 query / 3 key-value heads of 64, MLP 1536
+    "q/o 576x576": (576, 576),
+    "k/v 192x576": (192, 576),
+    "gate/up 1536x576": (1536, 576),
+    "down 576x1536": (576, 1536),
+    "lm_head 49152x576": (49152, 576),
+}
+ROUNDS = 3
+MAX_COPIES = 2048
+
+
+def run(tokens: list[int], target_s: float) -> dict:
+    from owl_sparse.formats import pack
+    from owl_sparse.ops import dispatch
+
+    llc = llc_bytes()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.inference_mode():
+        for layer, (n, k) in SHAPES.items():
+            w = (torch.randn(n, k, generator=gen) * 0.02).bfloat16()
+            packed = pack(w, torch.ones(n, k, dtype=torch.bool), "bitmap")
+            dense_copies = min(MAX_COPIES, max(2, math.ceil(3 * llc / (n * k * 2))))
+            pack_copies = min(MAX_COPIES, max(2, math.ceil(3 * llc / packed.nbytes)))
+            denses = [w] + [w.clone() for _ in range(dense_copies - 1)]
+            state = packed.state_dict()
+            packs = [packed] + [
+                type(packed).from_state_dict(
+                    {key: v.clone() for key, v in state.items()}, validate=False
+                )
+                for _ in range(pack_copies - 1)
+            ]
+            for t in tokens:
+                x = torch.randn(t, k, generator=gen).bfloat16()
+                ref = F.linear(x.float(), w.float())
+
+                def ours(p, x=x):
+                    with dispatch.force_backend("bitmap", "cpu_sparse"):
+                        return torch.ops.owl_sparse.bitmap_linear(
+                            x, p.bitmap, p.values, p.tile_offsets, None, p.N, p.K
+                        )
+
+                calls = {
+                    "torch_dense": [lambda d=d, x=x: F.linear(x, d) for d in denses],
+                    "owl_bitmap_ones": [lambda p=p: ours(p) for p in packs],
+                }
+                errors = {
+                    name: ((fns[0]().float() - ref).norm() / ref.norm()).item()
+                    for name, fns in calls.items()
+                }
+                times = {name: [] for name in calls}
+                for _ in range(ROUNDS):
+                    for name, fns in calls.items():
+                        times[name].append(
+                            time_calls(
+                                fns, "cpu", target_s / ROUNDS, min_reps=5, max_reps=200
+                            ).seconds
+                        )
+                med = {name: statistics.median(ts) for name, ts in times.items()}
+                for name, sec in med.items():
+                    nbytes = n * k * 2 if name == "torch_dense" else packed.nbytes
+                    copies = len(calls[name])
+                    rows.append(
+                        dict(
+                            layer=layer,
+                            N=n,
+                            K=k,
+                            tokens=t,
+                            contender=name,
+                            time_us=sec * 1e6,
+                            gbps=gbps(nbytes, sec),
+                            speedup=med["torch_dense"] / sec,
+                            rel_err=errors[name],
+                            copies=copies,
+                            rotation_fits_llc=copies * nbytes <= llc,
+                        )
+                    )
+    return {"env": environment("cpu"), "llc_bytes": llc, "rows": rows}
+
+
+def to_markdown(doc: dict) -> str:
+    rows = {}
+    for r in doc["rows"]:
+        cell = rows.setdefault((r["layer"], r["tokens"]), {})
+        cell[r["contender"]] = r
+    out = []
+    for (layer, t), c in rows.items():
+        d, o = c["torch_dense"], c["owl_bitmap_ones"]
+        out.append(
+            [
+                layer,
+                t,
+                f"{d['time_us']:.1f} ({d['gbps']:.1f} GB/s)",
+                f"{o['time_us']:.1f} ({o['gbps']:.1f} GB/s)",
+                f"{o['speedup']:.2f}x",
+                "yes" if d["rotation_fits_llc"] or o["rotation_fits_llc"] else "no",
+            ]
+        )
+    return markdown_table(
+        ["layer", "tokens", "torch bf16 us", "owl bitmap (all ones) us", "speed-up", "fits LLC"],
+        out,
+    )
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="cpu_dense_layers", description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", default="1,4", help="comma list of token counts")
+    p.add_argument("--target-s", type=float, default=0.3, help="seconds of timing per point")
+    p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    args = p.parse_args(argv)
+    tokens = [int(t) for t in args.tokens.split(",") if t]
+    doc = run(tokens, args.target_s)
+    doc["command"] = "python -m benchmarks.cpu_dense_layers " + " ".join(argv or sys.argv[1:])
+    md = "\n".join(
+        [
+            "# Dense bf16 layers at decode sizes: torch F.linear vs owl-sparse bitmap of ones",
+            "",
+            env_markdown(doc["env"]),
+            f"- command: `{doc['command']}`",
+            f"- weights rotated over 3 x {doc['llc_bytes'] / 2**20:.0f} MiB (last-level cache "
+            f"reported), at most {MAX_COPIES} copies",
+            "",
+            to_markdown(doc),
+            "",
+        ]
+    )
+    if args.out:
+        out = Path(args.out)
+        write_json(out.with_suffix(".json"), doc)
+        out.with_suffix(".md").write_text(md)
+    print(md)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
