@@ -77,6 +77,16 @@ def copies_for(nbytes: int, llc: int, factor: float = 3.0, cap: int = 64) -> int
     return max(2, min(cap, math.ceil(factor * llc / max(nbytes, 1))))
 
 
+def packed_copies(packed, count: int) -> list:
+    """``packed`` and ``count - 1`` copies of it in memory of their own: the same values at
+    other addresses defeat the caches as well as new weights, without packing again."""
+    state = packed.state_dict()
+    return [packed] + [
+        type(packed).from_state_dict({k: v.clone() for k, v in state.items()}, validate=False)
+        for _ in range(count - 1)
+    ]
+
+
 def random_weight(n: int, k: int, pattern: str, gen) -> tuple[torch.Tensor, torch.Tensor]:
     w = torch.randn(n, k, generator=gen) * 0.02
     if PATTERNS[pattern] is None:
@@ -122,13 +132,7 @@ def measure_point(
     elem = torch.empty((), dtype=dtype).element_size()
     packed0 = pack(w.to(dtype), mask, fmt)
     dense0 = w.to(dtype)
-    # Distinct copies (same values, different memory) defeat the caches just as well.
-    packs = [packed0] + [
-        type(packed0).from_state_dict(
-            {kk: v.clone() for kk, v in packed0.state_dict().items()}, validate=False
-        )
-        for _ in range(copies_for(packed0.nbytes, llc) - 1)
-    ]
+    packs = packed_copies(packed0, copies_for(packed0.nbytes, llc))
     denses = [dense0] + [dense0.clone() for _ in range(copies_for(n * k * elem, llc) - 1)]
     fp32s = [w] + [w.clone() for _ in range(copies_for(n * k * 4, llc) - 1)]
     rows = []

@@ -15,7 +15,6 @@ median time and GB/s of weight bytes.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench_cpu import copies_for, packed_copies
 from benchmarks.common import (
     env_markdown,
     environment,
@@ -58,16 +58,9 @@ def run(tokens: list[int], target_s: float) -> dict:
         for layer, (n, k) in SHAPES.items():
             w = (torch.randn(n, k, generator=gen) * 0.02).bfloat16()
             packed = pack(w, torch.ones(n, k, dtype=torch.bool), "bitmap")
-            dense_copies = min(MAX_COPIES, max(2, math.ceil(3 * llc / (n * k * 2))))
-            pack_copies = min(MAX_COPIES, max(2, math.ceil(3 * llc / packed.nbytes)))
+            dense_copies = copies_for(n * k * 2, llc, cap=MAX_COPIES)
             denses = [w] + [w.clone() for _ in range(dense_copies - 1)]
-            state = packed.state_dict()
-            packs = [packed] + [
-                type(packed).from_state_dict(
-                    {key: v.clone() for key, v in state.items()}, validate=False
-                )
-                for _ in range(pack_copies - 1)
-            ]
+            packs = packed_copies(packed, copies_for(packed.nbytes, llc, cap=MAX_COPIES))
             for t in tokens:
                 x = torch.randn(t, k, generator=gen).bfloat16()
                 ref = F.linear(x.float(), w.float())
@@ -140,14 +133,23 @@ def to_markdown(doc: dict) -> str:
     )
 
 
+def _token_counts(text: str) -> list[int]:
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,4, got {text!r}")
+    return counts
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="cpu_dense_layers", description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", default="1,4", help="comma list of token counts")
+    p.add_argument("--tokens", type=_token_counts, default="1,4", help="comma list, e.g. 1,4")
     p.add_argument("--target-s", type=float, default=0.3, help="seconds of timing per point")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = p.parse_args(argv)
-    tokens = [int(t) for t in args.tokens.split(",") if t]
-    doc = run(tokens, args.target_s)
+    doc = run(args.tokens, args.target_s)
     doc["command"] = "python -m benchmarks.cpu_dense_layers " + " ".join(argv or sys.argv[1:])
     md = "\n".join(
         [
