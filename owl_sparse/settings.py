@@ -25,6 +25,11 @@ variable                       meaning
 ``OWL_SPARSE_AUTOTUNE``        0: Triton kernels use their first config (no autotuning)
 ``OWL_SPARSE_CPU_ISA``         the CPU kernels' instruction set: portable, avx2, avx512 or
                                avx512_bf16 (default: the best this CPU runs)
+``OWL_SPARSE_COMPILE_DECODE`` 0: decode steps on the CPU run eagerly (default: compiled with
+                               ``torch.compile``)
+``OWL_SPARSE_CPU_DENSE_KERNEL`` 0: serving on the CPU keeps torch's ``F.linear`` for dense
+                               layers (default: owl-sparse's dense kernel, see
+                               ``owl_sparse.nn.native``)
 ``OWL_SPARSE_MAX_TEXT_MB``     largest text file read for calibration or evaluation, in
                                MiB (default 1024; a larger file, or an endless device such
                                as ``/dev/zero``, is refused)
@@ -65,6 +70,7 @@ class Settings:
     autotune: bool
     cpu_isa: str | None
     compile_decode: bool
+    cpu_dense_kernel: bool
     max_text_bytes: int
     bench_size: int
     commit: str | None
@@ -172,6 +178,7 @@ def read(env=None) -> Settings:
         autotune=_flag(env, "OWL_SPARSE_AUTOTUNE", default=True),
         cpu_isa=_cpu_isa(env),
         compile_decode=_flag(env, "OWL_SPARSE_COMPILE_DECODE", default=True),
+        cpu_dense_kernel=_flag(env, "OWL_SPARSE_CPU_DENSE_KERNEL", default=True),
         max_text_bytes=_positive_int(env, "OWL_SPARSE_MAX_TEXT_MB", 1024) * 2**20,
         bench_size=_positive_int(env, "OWL_SPARSE_BENCH_SIZE", 2048),
         commit=env.get("OWL_SPARSE_COMMIT") or None,

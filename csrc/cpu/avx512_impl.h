@@ -14,9 +14,6 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-
-
-
 namespace owl_cpu {
 namespace OWL_NS {
 namespace {
@@ -65,6 +62,17 @@ struct Widened : Base {
     }
   }
   static W decode_exact(uint32_t m, const VT*& p) { return decode(m, p); }
+  static W load(const VT* p) {
+    if constexpr (D == DType::kFloat32) {
+      return {_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)};
+    } else {
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+      if constexpr (D == DType::kFloat16) return {_mm512_cvtph_ps(lo), _mm512_cvtph_ps(hi)};
+      return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16)),
+              _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16))};
+    }
+  }
   static void fma(Acc& acc, const W& w, const XT* x) {
     acc = _mm512_fmadd_ps(w.lo, _mm512_loadu_ps(x), acc);
     acc = _mm512_fmadd_ps(w.hi, _mm512_loadu_ps(x + 16), acc);
@@ -79,6 +87,7 @@ struct Bf16Dot : Base {
   using W = __m512i;
   static W decode(uint32_t m, const VT*& p) { return expand16(m, p); }
   static W decode_exact(uint32_t m, const VT*& p) { return expand16(m, p); }
+  static W load(const VT* p) { return _mm512_loadu_si512(p); }
   static void fma(Acc& acc, const W& w, const XT* x) {
     acc = _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_loadu_si512(x));
   }

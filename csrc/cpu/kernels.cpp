@@ -16,6 +16,8 @@ namespace owl_cpu {
                      int64_t, int64_t, int32_t*);                                              \
   bool sparse24_linear(DType, const Sparse24View&, const Activations&, const void*, void*,     \
                        int64_t, int64_t, int64_t);                                             \
+  bool dense_linear(DType, const DenseView&, const Activations&, const void*, void*, int64_t,  \
+                    int64_t, int64_t);                                                         \
   bool bitmap_unpack(DType, const BitmapView&, int64_t, int64_t, void*, int64_t);             \
   bool sparse24_unpack(DType, const Sparse24View&, int64_t, int64_t, void*, int64_t);         \
   }
@@ -111,6 +113,11 @@ bool bitmap_linear(Isa isa, DType dtype, const BitmapView& w, const Activations&
 bool sparse24_linear(Isa isa, DType dtype, const Sparse24View& w, const Activations& x,
                      const void* bias, void* y, int64_t ldy, int64_t row_begin, int64_t row_end) {
   OWL_SWITCH(sparse24_linear(dtype, w, x, bias, y, ldy, row_begin, row_end))
+}
+
+bool dense_linear(Isa isa, DType dtype, const DenseView& w, const Activations& x,
+                  const void* bias, void* y, int64_t ldy, int64_t row_begin, int64_t row_end) {
+  OWL_SWITCH(dense_linear(dtype, w, x, bias, y, ldy, row_begin, row_end))
 }
 
 bool bitmap_unpack(Isa isa, DType dtype, const BitmapView& w, int64_t row_begin,

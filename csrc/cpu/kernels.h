@@ -45,6 +45,15 @@ struct BitmapView {
   int64_t nnz() const { return nnz_count; }
 };
 
+// A dense weight (nn.Linear's [N, K], row-major with row stride ld >= K elements): the
+// same loops with every mask word full, so a dense layer reads each weight byte once per
+// call for all tokens too.
+struct DenseView {
+  const void* values;  // [N, ld], dtype
+  int64_t n, k, ld;
+  int64_t padded_k() const { return (k + 31) / 32 * 32; }
+};
+
 struct Sparse24View {
   const void* values;   // [N, K/2], dtype
   const uint8_t* meta;  // [N, ceil(K/8)]
@@ -80,6 +89,9 @@ bool bitmap_linear(Isa isa, DType dtype, const BitmapView& w, const Activations&
                    int32_t* scratch);
 bool sparse24_linear(Isa isa, DType dtype, const Sparse24View& w, const Activations& x,
                      const void* bias, void* y, int64_t ldy, int64_t row_begin, int64_t row_end);
+
+bool dense_linear(Isa isa, DType dtype, const DenseView& w, const Activations& x,
+                  const void* bias, void* y, int64_t ldy, int64_t row_begin, int64_t row_end);
 
 // Dense rows [row_begin, row_end) of W into panel (row stride ldp >= K, dtype); columns
 // beyond K are not written.  bitmap: row_begin % 16 == 0.

@@ -75,6 +75,21 @@ struct Ops {
   }
   static W decode(uint32_t m, const VT*& p) { return decode_with(m, p, false); }
   static W decode_exact(uint32_t m, const VT*& p) { return decode_with(m, p, true); }
+  static W load(const VT* p) {
+    W w;
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (D == DType::kFloat32) {
+        w.q[j] = _mm256_loadu_ps(p + 8 * j);
+      } else {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * j));
+        if constexpr (D == DType::kFloat16)
+          w.q[j] = _mm256_cvtph_ps(h);
+        else
+          w.q[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      }
+    }
+    return w;
+  }
   static void fma(Acc& acc, const W& w, const XT* x) {
     for (int j = 0; j < 4; ++j) acc = _mm256_fmadd_ps(w.q[j], _mm256_loadu_ps(x + 8 * j), acc);
   }

@@ -44,6 +44,10 @@ struct Ops {
     return w;
   }
   static W decode_exact(uint32_t m, const VT*& p) { return decode(m, p); }
+  static W load(const VT* p) {
+    const VT* q = p;
+    return decode(0xffffffffu, q);
+  }
   __attribute__((noinline)) static void fma(Acc& acc, const W& w, const XT* x) {
     float s = 0.0f;
     for (int j = 0; j < 32; ++j) s += w.v[j] * x[j];

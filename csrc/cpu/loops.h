@@ -9,6 +9,7 @@
 //                                    p += popcount(m); may read up to 16 values past p's
 //                                    last one (the bitmap format pads 16 values)
 //   decode_exact(m, p)               the same, never reading past them (2:4 rows)
+//   load(p)                          the 32 weights p[0:32] of a dense row (no mask)
 //   fma(acc, w, x)                   acc += w . x[0:32]
 //
 // and, for unpacking, a copy type per value width (Copy16, Copy32) with VT, W, decode,
@@ -202,6 +203,60 @@ bool sp24_span(DType dtype, const Sparse24View& w, const Activations& x, const v
   return true;
 }
 
+// Software prefetch distance of the dense kernel: bytes ahead in each of a group's rows
+// (the group streams R rows at once, more streams than the hardware prefetchers follow).
+constexpr int64_t kPrefetchDenseBytes = 1024;
+
+// Dense rows [n0, n0 + R): each 32 columns of a row are one full word; the last 32 of a
+// row may be partial (K % 32 != 0), read exactly (no byte past the row's K-th value).
+template <class Ops, int R, int T>
+void dense_rows(const DenseView& w, const typename Ops::XT* x, int64_t n0, float* sums) {
+  typename Ops::Acc acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = Ops::zero();
+  const int64_t full = w.k / 32;
+  const auto* rows = static_cast<const typename Ops::VT*>(w.values) + n0 * w.ld;
+  constexpr int64_t ahead = kPrefetchDenseBytes / int64_t(sizeof(typename Ops::VT));
+  for (int64_t c = 0; c < full; ++c) {
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const typename Ops::VT* p = rows + i * w.ld + c * 32;
+      if ((c & 1) == 0 && c * 32 + ahead < w.k) __builtin_prefetch(p + ahead);
+      const typename Ops::W e = Ops::load(p);
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, x + (c * T + t) * 32);
+    }
+  }
+  if (w.k % 32) {
+    const int cols = int(w.k - full * 32);
+    const uint32_t m = (1u << cols) - 1u;
+    for (int i = 0; i < R; ++i) {
+      const typename Ops::VT* p = rows + i * w.ld + full * 32;
+      const typename Ops::W e = Ops::decode_exact(m, p);
+      for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, x + (full * T + t) * 32);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) sums[i * T + t] = Ops::sum(acc[i][t]);
+}
+
+template <class Ops, int R, int T>
+bool dense_span(DType dtype, const DenseView& w, const Activations& x, const void* bias, void* y,
+                int64_t ldy, int64_t row_begin, int64_t row_end) {
+  const auto* xs = static_cast<const typename Ops::XT*>(x.data);
+  float sums[R * T];
+  int64_t n = row_begin;
+  for (; n + R <= row_end; n += R) {
+    dense_rows<Ops, R, T>(w, xs, n, sums);
+    for (int i = 0; i < R; ++i) store_row(dtype, sums + i * T, T, bias, y, ldy, n + i);
+  }
+  for (; n < row_end; ++n) {  // fewer than R rows left
+    dense_rows<Ops, 1, T>(w, xs, n, sums);
+    store_row(dtype, sums, T, bias, y, ldy, n);
+  }
+  return true;
+}
+
 // Rows per group for T tokens: as many as keep R * T <= max accumulators (a power of two).
 constexpr int group_rows(int max_acc, int tokens) {
   int r = 16;
@@ -226,6 +281,11 @@ bool by_tokens(int tokens, A&&... a) {
 struct BitmapRun {
   template <class Ops, int R, int T, class... A>
   static bool run(A&&... a) { return bitmap_strips<Ops, R, T>(a...); }
+};
+
+struct DenseRun {
+  template <class Ops, int R, int T, class... A>
+  static bool run(A&&... a) { return dense_span<Ops, R, T>(a...); }
 };
 
 struct Sp24Run {
@@ -285,7 +345,7 @@ bool sp24_unpack(const Sparse24View& w, int64_t row_begin, int64_t row_end, void
 }  // namespace loops
 }  // namespace
 
-// The four entry points of one ISA, given its Ops per dtype (F32, F16, BF16).
+// The five entry points of one ISA, given its Ops per dtype (F32, F16, BF16).
 #define OWL_CPU_ENTRY_POINTS(F32, F16, BF16, COPY32, COPY16)                                                    \
   bool bitmap_linear(DType dtype, const BitmapView& w, const Activations& x, const void* bias, \
                      void* y, int64_t ldy, int64_t r0, int64_t r1, int32_t* scratch) {         \
@@ -304,6 +364,15 @@ bool sp24_unpack(const Sparse24View& w, int64_t row_begin, int64_t row_end, void
       return loops::by_tokens<F16, loops::Sp24Run>(x.tokens, dtype, w, x, bias, y, ldy, r0, r1);     \
     else                                                                                        \
       return loops::by_tokens<BF16, loops::Sp24Run>(x.tokens, dtype, w, x, bias, y, ldy, r0, r1);    \
+  }                                                                                             \
+  bool dense_linear(DType dtype, const DenseView& w, const Activations& x, const void* bias,    \
+                    void* y, int64_t ldy, int64_t r0, int64_t r1) {                            \
+    if (dtype == DType::kFloat32)                                                               \
+      return loops::by_tokens<F32, loops::DenseRun>(x.tokens, dtype, w, x, bias, y, ldy, r0, r1);    \
+    else if (dtype == DType::kFloat16)                                                          \
+      return loops::by_tokens<F16, loops::DenseRun>(x.tokens, dtype, w, x, bias, y, ldy, r0, r1);    \
+    else                                                                                        \
+      return loops::by_tokens<BF16, loops::DenseRun>(x.tokens, dtype, w, x, bias, y, ldy, r0, r1);   \
   }                                                                                             \
   bool bitmap_unpack(DType dtype, const BitmapView& w, int64_t r0, int64_t r1, void* panel,     \
                      int64_t ldp) {                                                             \

@@ -1,12 +1,12 @@
-// The CPU implementation of the ops owl_sparse::bitmap_linear / sparse24_linear (defined in
-// owl_sparse/ops/library.py), registered for the CPU dispatch key, and the small library
-// owl_sparse_cpu that configures it from Python:
+// The CPU implementation of the ops owl_sparse::bitmap_linear / sparse24_linear /
+// dense_linear (defined in owl_sparse/ops/library.py), registered for the CPU dispatch key,
+// and the small library owl_sparse_cpu that configures it from Python:
 //
 //   owl_sparse_cpu::isa() -> str                 the instruction set the kernels use
 //   owl_sparse_cpu::supported_isas() -> str[]    every one this CPU can run
 //   owl_sparse_cpu::set_isa(str isa) -> ()       force one ("" = the best supported)
 //   owl_sparse_cpu::set_backend(str fmt, str backend) -> ()
-//                                                force "sparse" or "dense" ("" = the table)
+//                                                force "kernel" or "gemm" ("" = the table)
 //   owl_sparse_cpu::set_table(str[] fmt, str[] dtype, int[] n, int[] k, int[] tokens,
 //                             float[] sparsity, str[] backend) -> ()
 //                                                the measured dispatch table of this ISA
@@ -17,11 +17,13 @@
 //   owl_sparse_cpu::set_poison(bool on) -> ()    tests: outputs start as NaN
 //   owl_sparse_cpu::read_bandwidth(Tensor t, int repeats) -> float   GB/s reading t
 //
-// Backends: "sparse" runs the kernels of kernels.h on the packed bytes, <= 16 tokens per
-// pass; "dense" unpacks 16-row strips into a cache-sized panel (one per thread, reused by
-// every layer) and multiplies it with torch's GEMM, so no call ever holds a dense copy of a
-// whole layer.  The choice: forced backend, else the measured table (same lookup rules as
-// owl_sparse/ops/dispatch.py), else sparse up to 16 tokens and dense beyond.
+// Formats: "bitmap", "2:4" and "dense" (an nn.Linear weight as it is).  Backends: "kernel"
+// runs the kernels of kernels.h on the weight's bytes as stored, <= 16 tokens per pass;
+// "gemm" is torch's GEMM: for a packed weight on 16-row strips unpacked into a cache-sized
+// panel (one per thread, reused by every layer), so no call ever holds a dense copy of a
+// whole layer; for a dense weight on the weight itself.  The choice: forced backend, else
+// the measured table (same lookup rules as owl_sparse/ops/dispatch.py), else the kernel up
+// to 16 tokens and the GEMM beyond.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -46,11 +48,12 @@ namespace {
 using owl_cpu::Isa;
 
 constexpr int64_t kValuesPad = 16;          // formats/bitmap.py VALUES_PAD
-constexpr int64_t kPanelBytes = 4 << 20;    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM    // dense backend: unpacked rows per GEMM
+constexpr int64_t kPanelBytes = 4 << 20;  // dense backend: unpacked rows per GEMM
 
 std::atomic<int> g_forced_isa{-1};
 std::atomic<bool> g_poison{false};  // tests: fill outputs with NaN before the kernels write
-std::atomic<int> g_forced_backend[2] = {{-1}, {-1}};  // per format: -1 table, 0 sparse, 1 dense
+constexpr int kFormats = 3;  // bitmap, 2:4, dense
+std::atomic<int> g_forced_backend[kFormats] = {{-1}, {-1}, {-1}};  // -1 table, 0 kernel, 1 gemm
 
 Isa active_isa() {
   static const Isa detected = owl_cpu::detect_isa();
@@ -85,11 +88,11 @@ const char* dtype_name(at::ScalarType t) {
 
 // ------------------------------------------------------------------ dispatch table
 struct Entry {
-  int fmt;  // 0 bitmap, 1 2:4
+  int fmt;  // 0 bitmap, 1 2:4, 2 dense
   std::string dtype;
   int64_t n, k, tokens;
   double sparsity;
-  int backend;  // 0 sparse, 1 dense
+  int backend;  // 0 kernel, 1 gemm
 };
 
 std::mutex g_table_mutex;
@@ -107,15 +110,15 @@ int64_t token_bucket(int64_t t) {
 }
 
 int format_index(const std::string& fmt) {
-  OWL_CHECK_VALUE(fmt == "bitmap" || fmt == "2:4", "unknown format '", fmt.c_str(),
-                  "': expected 'bitmap' or '2:4'");
-  return fmt == "bitmap" ? 0 : 1;
+  OWL_CHECK_VALUE(fmt == "bitmap" || fmt == "2:4" || fmt == "dense", "unknown format '",
+                  fmt.c_str(), "': expected 'bitmap', '2:4' or 'dense'");
+  return fmt == "bitmap" ? 0 : fmt == "2:4" ? 1 : 2;
 }
 
 int backend_index(const std::string& name) {
-  OWL_CHECK_VALUE(name == "sparse" || name == "dense", "unknown CPU backend '", name.c_str(),
-                  "': expected 'sparse' or 'dense'");
-  return name == "sparse" ? 0 : 1;
+  OWL_CHECK_VALUE(name == "kernel" || name == "gemm", "unknown CPU backend '", name.c_str(),
+                  "': expected 'kernel' or 'gemm'");
+  return name == "kernel" ? 0 : 1;
 }
 
 struct Choice {
@@ -148,8 +151,8 @@ Choice choose_backend(int fmt, const std::string& dtype, int64_t n, int64_t k, i
     return {best->backend, why};
   }
   const std::string rule = std::string("cpu ") + owl_cpu::isa_name(active_isa()) + " default rule: ";
-  if (tokens <= owl_cpu::kMaxTokens) return {0, rule + "sparse kernel up to 16 tokens"};
-  return {1, rule + "dense panels beyond 16 tokens"};
+  if (tokens <= owl_cpu::kMaxTokens) return {0, rule + "kernel up to 16 tokens"};
+  return {1, rule + (fmt == 2 ? "torch GEMM" : "dense panels") + " beyond 16 tokens"};
 }
 
 // ------------------------------------------------------------------ checks
@@ -379,6 +382,38 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
   return y;
 }
 
+// An nn.Linear weight [N, K], contiguous.
+owl_cpu::DenseView dense_view(const at::Tensor& weight) {
+  check_values(weight, "weight");
+  OWL_CHECK_VALUE(weight.dim() == 2 && weight.size(0) >= 1 && weight.size(1) >= 1,
+                  "weight must be [N, K] with N, K >= 1, got ", weight.sizes());
+  return owl_cpu::DenseView{weight.data_ptr(), weight.size(0), weight.size(1), weight.size(1)};
+}
+
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias) {
+  OWL_CHECK_VALUE(weight.device().is_cpu(), "dense_linear: weight must be a CPU tensor, got ",
+                  weight.device());
+  const at::Tensor wc = weight.is_contiguous() ? weight : weight.contiguous();
+  const owl_cpu::DenseView w = dense_view(wc);
+  check_x(x, wc, w.n, w.k, "dense");
+  const at::Tensor b = checked_bias(bias, wc, w.n);
+  const at::Tensor x2d = as_rows(x, w.k);
+  const int64_t tokens = x2d.size(0);
+  if (tokens == 0) return output_for(x, w.n);
+  if (choose_backend(2, dtype_name(x.scalar_type()), w.n, w.k, tokens, 0.0).backend == 1) {
+    return at::linear(x, wc, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt);
+  }
+  at::Tensor y = output_for(x, w.n);
+  at::Tensor y2d = y.view({-1, w.n});
+  run_sparse(w, 16, x2d, b, y2d, "dense",
+             [](Isa isa, owl_cpu::DType d, const owl_cpu::DenseView& v,
+                const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
+               return owl_cpu::dense_linear(isa, d, v, a, bp, yp, v.n, r0, r1);
+             });
+  return y;
+}
+
 at::Tensor unpack_bitmap(const at::Tensor& bitmap, const at::Tensor& values,
                          const at::Tensor& tile_offsets, int64_t n, int64_t k) {
   const owl_cpu::BitmapView w = bitmap_view(bitmap, values, tile_offsets, n, k);
@@ -485,7 +520,7 @@ void set_table(const std::vector<std::string>& fmt, const std::vector<std::strin
 std::vector<std::string> choose(const std::string& fmt, const std::string& dtype, int64_t n,
                                 int64_t k, int64_t tokens, double sparsity) {
   const Choice c = choose_backend(format_index(fmt), dtype, n, k, tokens, sparsity);
-  return {c.backend == 0 ? "sparse" : "dense", c.why};
+  return {c.backend == 0 ? "kernel" : "gemm", c.why};
 }
 
 }  // namespace
@@ -509,6 +544,7 @@ TORCH_LIBRARY(owl_sparse_cpu, m) {
 TORCH_LIBRARY_IMPL(owl_sparse, CPU, m) {
   m.impl("bitmap_linear", &bitmap_linear);
   m.impl("sparse24_linear", &sparse24_linear);
+  m.impl("dense_linear", &dense_linear);
 }
 
 // `import owl_sparse._cpu` (the setup.py build) loads this library, which registers the ops

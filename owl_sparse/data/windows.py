@@ -12,7 +12,7 @@ import torch
 
 from ..args import is_int
 from ..errors import InputError
-from ..models.structure import max_context
+from ..models.structure import cache_kwarg, max_context
 from ..nn.memory import return_freed_memory
 
 TOKEN_ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding accepts as indices
@@ -168,8 +168,9 @@ def sample_from_model(model, tokenizer, n: int, seqlen: int, seed: int = 0) -> t
     ids = start
     past = None
     step_input = start
+    cache_name = cache_kwarg(model)
     for _ in range(seqlen - 1):
-        out = model(input_ids=step_input.to(device), past_key_values=past, use_cache=True)
+        out = model(input_ids=step_input.to(device), use_cache=True, **{cache_name: past})
         past = out.past_key_values
         logits = out.logits[:, -1, :].float().cpu()
         top = torch.topk(logits, k=min(50, logits.shape[-1]), dim=-1)

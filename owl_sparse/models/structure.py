@@ -153,3 +153,15 @@ def max_context(model: nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name the model's forward takes its KV cache under: ``cache`` in transformers
+    releases that renamed it, ``past_key_values`` before (and where the forward is opaque)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"

@@ -16,6 +16,11 @@ The choice: a forced backend (`force`, :func:`owl_sparse.ops.dispatch.force_back
 (``ops/tables/*.json`` whose device is ``cpu:<isa>``), else ``cpu_sparse`` up to 16 tokens and
 ``dense`` beyond.
 
+The library also serves ``owl_sparse::dense_linear`` (an ``nn.Linear`` weight as it is) with
+two backends chosen the same way (table format ``"dense"``): ``cpu_kernel``, the same loops
+streaming the weight once for up to 16 tokens with every mask word full, and ``torch``,
+torch's GEMM on the weight.
+
 Loading, once: ``owl_sparse._cpu`` when setup.py built it, else (on the first op call, never
 at import) a JIT build of csrc/cpu with ninja; ``OWL_SPARSE_NO_JIT=1`` forbids it. Where
 neither works the ops run the Python reference, and the reason is logged once.
@@ -39,9 +44,16 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc" / "cpu"
 ISAS = settings.CPU_ISAS
-# Backend names as the dispatch tables and force_backend know them -> the library's.
-BACKENDS = {"cpu_sparse": "sparse", "dense": "dense"}
+# Backend names as the dispatch tables and force_backend know them -> the library's, for
+# packed weights and for dense ones (owl_sparse::dense_linear).
+BACKENDS = {"cpu_sparse": "kernel", "dense": "gemm"}
+DENSE_BACKENDS = {"cpu_kernel": "kernel", "torch": "gemm"}
 _FORMATS = ("bitmap", "2:4")
+
+
+def _backends_of(fmt: str) -> dict[str, str]:
+    return DENSE_BACKENDS if fmt == "dense" else BACKENDS
+
 
 _lock = threading.RLock()  # _configure asks isa(), which asks load() again
 _state: dict = {
@@ -179,23 +191,40 @@ def use_isa(name: str):
 
 
 def force(fmt: str, backend: str | None) -> None:
-    """Make the CPU kernels run ``fmt`` through ``backend`` ("cpu_sparse" or "dense"; None:
-    the table decides again). Used by :func:`owl_sparse.ops.dispatch.force_backend`."""
-    if backend is not None and backend not in BACKENDS:
-        raise InputError(f"no CPU backend {backend!r}; CPU backends: {sorted(BACKENDS)}")
+    """Make the CPU kernels run ``fmt`` through ``backend`` (None: the table decides again).
+
+    Packed formats ("bitmap", "2:4"): "cpu_sparse" or "dense" (used by
+    :func:`owl_sparse.ops.dispatch.force_backend`); "dense" (``owl_sparse::dense_linear``):
+    "cpu_kernel" or "torch" (see :func:`force_dense`).
+    """
+    names = _backends_of(fmt)
+    if backend is not None and backend not in names:
+        raise InputError(f"no CPU backend {backend!r} for {fmt}; expected one of {sorted(names)}")
     if available():
-        torch.ops.owl_sparse_cpu.set_backend(fmt, BACKENDS[backend] if backend else "")
+        torch.ops.owl_sparse_cpu.set_backend(fmt, names[backend] if backend else "")
+
+
+@contextlib.contextmanager
+def force_dense(backend: str):
+    """Inside the block, CPU ``owl_sparse::dense_linear`` calls take ``backend``
+    ("cpu_kernel": the streaming kernel; "torch": torch's GEMM); benchmarks and tests."""
+    force("dense", backend)
+    try:
+        yield
+    finally:
+        force("dense", None)
 
 
 def choose(fmt: str, dtype: torch.dtype, n: int, k: int, tokens: int, sparsity: float):
     """(backend, reason) the CPU kernels take for this call, or ("reference", why) when the
-    compiled kernels are unavailable."""
+    compiled kernels are unavailable. ``fmt`` "dense": an ``owl_sparse::dense_linear`` call
+    (sparsity 0), backend "cpu_kernel" or "torch"."""
     if not available():
         return "reference", f"compiled CPU kernels unavailable ({_state['error']})"
     name, why = torch.ops.owl_sparse_cpu.choose(
         fmt, str(dtype).removeprefix("torch."), int(n), int(k), int(tokens), float(sparsity)
     )
-    backend = "cpu_sparse" if name == "sparse" else "dense"
+    backend = {v: k for k, v in _backends_of(fmt).items()}[name]
     return backend, why
 
 
@@ -204,7 +233,8 @@ def push_table() -> None:
     entries = table_entries(device_key())
     cols = {c: [] for c in ("fmt", "dtype", "n", "k", "tokens", "sparsity", "backend")}
     for e in entries:
-        if e["backend"] not in BACKENDS:
+        names = _backends_of(e["fmt"])
+        if e["backend"] not in names:
             continue
         for c, v in (
             ("fmt", e["fmt"]),
@@ -213,7 +243,7 @@ def push_table() -> None:
             ("k", e["K"]),
             ("tokens", e["tokens"]),
             ("sparsity", e["sparsity"]),
-            ("backend", BACKENDS[e["backend"]]),
+            ("backend", names[e["backend"]]),
         ):
             cols[c].append(v)
     torch.ops.owl_sparse_cpu.set_table(*cols.values())

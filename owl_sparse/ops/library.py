@@ -4,6 +4,10 @@
     ``y = x @ W^T + bias`` with ``W`` [N, K] packed as a :class:`BitmapWeight`.
 ``owl_sparse::sparse24_linear(x, values, meta, bias)``
     the same with ``W`` packed as a :class:`Sparse24Weight` (K = 2 * values.shape[1]).
+``owl_sparse::dense_linear(x, weight, bias)``
+    the same with a dense ``W`` [N, K] (an ``nn.Linear`` weight): ``F.linear``, except on the
+    CPU, where decode-sized calls (<= 16 tokens) stream the weight once for all tokens with
+    the same kernels' loops (every mask word full) and larger ones go to torch's GEMM.
 
 Arguments: ``x`` ``[..., K]`` in the values' dtype (fp16 / bf16 / fp32); the packed tensors
 exactly as the format modules document them; ``bias`` ``[N]`` in the same dtype or None.
@@ -16,8 +20,10 @@ Implementations
 - default (any device without a kernel, and the CPU until its kernels load): the reference,
   ``x @ to_dense()^T`` computed in fp32 and cast back, unpacking on every call (it keeps no
   dense copy either);
-- CUDA: :func:`owl_sparse.ops.dispatch.run` picks a backend (Triton, CUDA extension, dense).
-- autograd: gradients flow to ``x`` and ``bias``; the packed weight is frozen.
+- CUDA: :func:`owl_sparse.ops.dispatch.run` picks a backend (Triton, CUDA extension, dense);
+  ``dense_linear`` is ``F.linear`` there.
+- autograd: gradients flow to ``x`` and ``bias`` (and a dense ``weight``); a packed weight
+  is frozen.
 
 :func:`linear` is the convenience entry that takes a packed format object.
 """
@@ -186,6 +192,24 @@ def _sparse24_linear_fake(x, values, meta, bias):
     return _fake_output("sparse24_linear", x, bias, n)
 
 
+# ---------------------------------------------------------------------------- dense
+@torch.library.custom_op("owl_sparse::dense_linear", mutates_args=())
+def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """y [..., N] = x [..., K] @ weight^T + bias, weight [N, K] dense (any device: F.linear)."""
+    if _compiled_cpu_kernel("dense_linear", x) and weight.device.type == "cpu":
+        return torch.ops.owl_sparse.dense_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@dense_linear.register_fake
+def _dense_linear_fake(x, weight, bias):
+    torch._check(weight.dim() == 2, lambda: f"dense_linear: weight must be 2-D, got {weight.dim()}")
+    n, k = weight.shape
+    torch._check(x.shape[-1] == k, lambda: f"dense_linear: x {list(x.shape)} needs last dim {k}")
+    torch._check(x.dtype == weight.dtype, lambda: f"dense_linear: x {x.dtype} vs {weight.dtype}")
+    return _fake_output("dense_linear", x, bias, n)
+
+
 # ---------------------------------------------------------------------------- autograd
 def _grad_input(grad: Tensor, dense: Tensor) -> Tensor:
     return torch.matmul(grad.float(), dense.float()).to(grad.dtype)
@@ -220,7 +244,23 @@ def _backward_24(ctx, grad):
     return _grad_input(grad, dense), None, None, _grad_bias(grad, ctx.bias_grad)
 
 
+def _setup_dense(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x if weight.requires_grad else None, weight)
+    ctx.bias_grad = bias is not None and bias.requires_grad
+
+
+def _backward_dense(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_w = None
+    if x is not None:
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_w = torch.matmul(g2.float().t(), x2.float()).to(weight.dtype)
+    return _grad_input(grad, weight), grad_w, _grad_bias(grad, ctx.bias_grad)
+
+
 bitmap_linear.register_autograd(_backward_bitmap, setup_context=_setup_bitmap)
+dense_linear.register_autograd(_backward_dense, setup_context=_setup_dense)
 sparse24_linear.register_autograd(_backward_24, setup_context=_setup_24)
 
 

@@ -7,6 +7,9 @@ Schema (see :mod:`owl_sparse.ops.dispatch` for how entries are chosen)::
                   "tokens": 16, "sparsity": 0.7, "backend": "triton_gemv",
                   "why": "2.1x dense"}, ...]}
 
+A CPU table may also hold entries of fmt ``"dense"`` (``owl_sparse::dense_linear``, sparsity
+0, backend ``cpu_kernel`` or ``torch``).
+
 Files: ``owl_sparse/ops/tables/*.json`` and any listed in ``OWL_SPARSE_DISPATCH_TABLES``.
 """
 
@@ -27,6 +30,7 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 FORMATS = ("bitmap", "2:4")
+TABLE_FORMATS = (*FORMATS, "dense")  # "dense": CPU tables only
 TABLE_DIR = Path(__file__).resolve().parent / "tables"
 
 
@@ -70,7 +74,7 @@ def save_table(path: str | os.PathLike, gpu: str, entries: list[dict]) -> Path:
                 raise InputError(
                     f"dispatch table entry {i} needs {field!r} of type {typ.__name__}: {e}"
                 )
-        if e["fmt"] not in FORMATS or e["tokens"] != token_bucket(e["tokens"]):
+        if e["fmt"] not in TABLE_FORMATS or e["tokens"] != token_bucket(e["tokens"]):
             raise InputError(f"dispatch table entry {i}: bad fmt or non power-of-two tokens: {e}")
     path = Path(path)
     path.write_text(json.dumps({"gpu": gpu, "entries": entries}, indent=1) + "\n")

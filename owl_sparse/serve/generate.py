@@ -23,7 +23,8 @@ import torch
 from .. import settings
 from ..args import as_int
 from ..errors import InputError
-from ..models.structure import max_context
+from ..models.structure import cache_kwarg, max_context
+from ..nn.native import native_linears
 from .kv_cache import (
     DecodeStep,
     cache_length,
@@ -107,6 +108,7 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     cuda_graphs: bool | None = None,
     compile_step: bool | None = None,
+    native_dense: bool | None = None,
 ) -> GenerateResult:
     """Generate text for prompts with a static KV cache (batched, left-padded).
 
@@ -125,6 +127,10 @@ def generate(
             step of a new (model, batch, cache length) pays the compilation; it is left
             out of the decode timing like every first step.  Falls back to eager, with one
             logged warning, where compiling fails.
+        native_dense: on the CPU, run the model's dense ``nn.Linear`` layers (all of a dense
+            model's, a packed model's LM head) through owl-sparse's dense kernel for the
+            duration of the call (:func:`owl_sparse.nn.native.native_linears`; default:
+            ``OWL_SPARSE_CPU_DENSE_KERNEL``, on).
 
     Returns:
         `GenerateResult` with texts, token ids and timings.
@@ -158,6 +164,7 @@ def generate(
         pad_token_id=getattr(tokenizer, "pad_token_id", None),
         cuda_graphs=cuda_graphs,
         compile_step=compile_step,
+        native_dense=native_dense,
     )
     result.texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in result.token_ids]
     return result
@@ -177,6 +184,7 @@ def generate_ids(
     pad_token_id: int | None = None,
     cuda_graphs: bool | None = None,
     compile_step: bool | None = None,
+    native_dense: bool | None = None,
 ) -> GenerateResult:
     """`generate` on token id lists (no tokenizer needed): same arguments and checks.
 
@@ -221,6 +229,8 @@ def generate_ids(
     if compile_step is None:
         compile_step = settings.get().compile_decode
     compile_step = bool(compile_step) and not (use_graph and device.type == "cuda")
+    if native_dense is None:
+        native_dense = settings.get().cpu_dense_kernel
     generator = torch.Generator(device=device).manual_seed(seed)
 
     out = GenerateResult(
@@ -234,18 +244,19 @@ def generate_ids(
     timed_tokens = 0
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
-        part = _generate_batch(
-            model,
-            chunk,
-            max_new_tokens,
-            device,
-            dtype,
-            pad_token_id,
-            eos if stop_at_eos else [],
-            use_graph,
-            compile_step,
-            lambda x: sample_next(x, temperature, top_k, top_p, generator),
-        )
+        with native_linears(model, enabled=bool(native_dense) and device.type == "cpu"):
+            part = _generate_batch(
+                model,
+                chunk,
+                max_new_tokens,
+                device,
+                dtype,
+                pad_token_id,
+                eos if stop_at_eos else [],
+                use_graph,
+                compile_step,
+                lambda x: sample_next(x, temperature, top_k, top_p, generator),
+            )
         out.token_ids += part["token_ids"]
         out.prefill_s += part["prefill_s"]
         out.step_s += part["step_s"]
@@ -285,8 +296,8 @@ def _generate_batch(
         input_ids=ids.to(device),
         position_ids=positions,
         attention_mask=mask,
-        past_key_values=cache,
         use_cache=True,
+        **{cache_kwarg(model): cache},
         **kwargs,
     ).logits[:, -1, :]
     token = pick(logits)

@@ -21,6 +21,7 @@ import logging
 import torch
 
 from ..errors import InputError
+from ..models.structure import cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +165,15 @@ def check_attention(model) -> None:
 
 def _decode_forward(model, tokens, positions, mask, cache, kwargs):
     """The one-token forward pass; module level, so that `torch.compile` traces it once per
-    model and input shapes (not once per `DecodeStep`)."""
+    model and input shapes (not once per `DecodeStep`).  ``kwargs`` names the cache's
+    argument (``cache_name``) and carries any other forward arguments."""
+    kwargs = dict(kwargs)
     out = model(
         input_ids=tokens,
         position_ids=positions,
         attention_mask=mask,
-        past_key_values=cache,
         use_cache=True,
+        **{kwargs.pop("cache_name"): cache},
         **kwargs,
     )
     return out.logits[:, -1, :]
@@ -233,7 +236,9 @@ class DecodeStep:
         real = (k >= first) & (k < width)
         mask = torch.zeros((b, 1, 1, max_len), dtype=dtype)
         self.mask = mask.masked_fill_(~real, torch.finfo(dtype).min).to(self.device)
-        self.kwargs = {"logits_to_keep": 1} if keep_logits else {}
+        self.kwargs = {"cache_name": cache_kwarg(model)}
+        if keep_logits:
+            self.kwargs["logits_to_keep"] = 1
         self.want_graph = cuda_graph and self.device.type == "cuda"
         self.graph = None
         self.graph_error: str | None = None

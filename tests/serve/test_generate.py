@@ -264,3 +264,22 @@ def test_cuda_graph_serves_a_sparsified_model(fmt):
     graph = generate_ids(model, PROMPTS, 12, stop_at_eos=False, cuda_graphs=True)
     assert graph.cuda_graph, graph.graph_error
     assert graph.token_ids == eager.token_ids
+
+
+def test_cpu_dense_layers_run_the_native_kernel_only_while_serving():
+    from owl_sparse.ops import cpu
+
+    if not cpu.available():
+        pytest.skip("compiled CPU kernels unavailable")
+    model = tiny_model("llama", seed=3)
+    seen = {}
+    for native in (True, False):
+        with torch.autograd.profiler.profile() as prof:
+            out = generate_ids(model, PROMPTS[:1], 4, stop_at_eos=False, native_dense=native)
+        seen[native] = (
+            out.token_ids,
+            any("owl_sparse::dense_linear" in e.name for e in prof.function_events),
+        )
+    assert seen[True][1] and not seen[False][1]
+    assert seen[True][0] == seen[False][0]  # fp32: the same greedy tokens
+    assert not any(type(m).__name__ == "NativeLinear" for m in model.modules())
