@@ -47,6 +47,7 @@ from benchmarks.common import (
     time_calls,
     write_json,
 )
+from benchmarks.kernel_tables import update_table
 
 SHAPES = {
     "llama2-7b": [("q/k/v/o", 4096, 4096), ("gate/up", 11008, 4096), ("down", 4096, 11008)],
@@ -352,13 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     doc = run(args.grid, args.budget_s, args.target_s, patterns=args.patterns, layers=args.layers)
-    from owl_sparse.ops import cpu, dispatch
+    from owl_sparse.ops import cpu
 
     table = args.table_out
     if table is None and args.grid == "quick":
         table = str(REPO / "owl_sparse" / "ops" / "tables" / f"cpu-{cpu.isa()}.json")
     if table and table != "none" and doc["dispatch"]:
-        dispatch.save_table(table, cpu.device_key(), doc["dispatch"])
+        # the packed formats' entries; the "dense" ones (cpu_dense_layers) are kept
+        update_table(Path(table), cpu.device_key(), doc["dispatch"])
         doc["table"] = table
     md = env_markdown(doc["env"]) + f"\n\nread bandwidth {doc['read_bandwidth_gbps']:.1f} GB/s; "
     md += f"weights rotated over >= 3 x {doc['llc_bytes'] / 2**20:.0f} MiB\n\n" + to_markdown(doc)

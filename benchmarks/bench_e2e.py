@@ -65,22 +65,38 @@ def weight_bytes(model) -> dict:
 
 
 LOOPS = {  # name -> generate_ids arguments
-    "default": {},  # CUDA graph on CUDA, torch.compile on the CPU
+    "default": {},  # CUDA graph on CUDA, torch.compile on the CPU; CPU dense layers: ours
     "eager": {"cuda_graphs": False, "compile_step": False},
+    # the CPU's dense nn.Linear layers through torch's F.linear instead of owl-sparse's kernel
+    "default-torch-linear": {"native_dense": False},
+    "eager-torch-linear": {"cuda_graphs": False, "compile_step": False, "native_dense": False},
 }
 
 
-def linear_step_s(model, batch: int, device, reps: int = 15) -> float:
+def native_dense(loop: str, device) -> bool:
+    """Whether ``loop`` runs the dense nn.Linear layers through owl-sparse's CPU kernel."""
+    return torch.device(device).type == "cpu" and LOOPS[loop].get("native_dense", True)
+
+
+def loop_label(r: dict) -> str:
+    graph = all(v["cuda_graph"] for v in r["decode"].values())
+    compiled = all(v.get("compiled") for v in r["decode"].values())
+    label = "cuda graph" if graph else "compiled" if compiled else "eager"
+    return label + (", torch linear" if r["loop"].endswith("torch-linear") else "")
+
+
+def linear_step_s(model, batch: int, device, loop: str = "default", reps: int = 15) -> float:
     """Seconds one decode step of ``batch`` rows spends in the linear layers: every linear
     layer (nn.Linear or SparseLinear, the LM head included) run alone, in model order, on a
-    [batch, 1, in_features] input; the median of ``reps`` passes over all of them."""
+    [batch, 1, in_features] input, as ``loop`` runs them; the median of ``reps`` passes."""
     from owl_sparse.nn import SparseLinear
+    from owl_sparse.nn.native import native_linears
 
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear | SparseLinear)]
     dtype = model.get_input_embeddings().weight.dtype
     xs = [torch.randn(batch, 1, m.in_features, dtype=dtype, device=device) for m in layers]
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), native_linears(model, enabled=native_dense(loop, device)):
         for layer, x in zip(layers, xs):  # warm-up
             layer(x)
         for _ in range(reps):
@@ -91,6 +107,51 @@ def linear_step_s(model, batch: int, device, reps: int = 15) -> float:
             sync(device)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+# Profiler op names per part of a decode step (self time; everything else is "other").
+SPLIT_OPS = {
+    "linear": ("owl_sparse::", "aten::mm", "aten::addmm", "aten::linear", "aten::bmm"),
+    "attention_kv": (
+        "aten::_scaled_dot_product",
+        "aten::scaled_dot_product_attention",
+        "aten::index_copy",
+        "aten::index_put",
+    ),
+    "guards": ("TorchDynamo Cache Lookup",),
+}
+
+
+def time_split(model, prompts, loop: str, steps: int = 16) -> dict:
+    """Where a decode step's time goes (CPU), from torch.profiler: a run of ``steps`` + 1 new
+    tokens (its step already compiled by an unprofiled run of the same length) less a
+    prefill-only run, per decode step, split into the linear layers,
+    attention with the KV-cache writes, the compiled step's guard checks, and everything
+    else (pointwise kernels, embedding, sampling, Python), as shares of the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from owl_sparse.serve import generate_ids
+
+    def profiled(n):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            generate_ids(model, prompts, max_new_tokens=n, stop_at_eos=False, **LOOPS[loop])
+            wall = time.perf_counter() - t0
+        parts = dict.fromkeys(SPLIT_OPS, 0.0)
+        for e in prof.key_averages():
+            for part, prefixes in SPLIT_OPS.items():
+                if e.key.startswith(prefixes):
+                    parts[part] += e.self_cpu_time_total / 1e6
+        return wall, parts
+
+    generate_ids(model, prompts, max_new_tokens=1 + steps, stop_at_eos=False, **LOOPS[loop])
+    (w0, p0), (w1, p1) = profiled(1), profiled(1 + steps)
+    step = (w1 - w0) / steps
+    if step <= 0:
+        return {}
+    shares = {k: max(0.0, (p1[k] - p0[k]) / steps / step) for k in SPLIT_OPS}
+    shares["other"] = max(0.0, 1 - sum(shares.values()))
+    return {"step_ms_profiled": step * 1e3, **{f"{k}_share": v for k, v in shares.items()}}
 
 
 def measure(model, device, args, gen, loop: str = "default") -> dict:
@@ -115,7 +176,7 @@ def measure(model, device, args, gen, loop: str = "default") -> dict:
         r = max(runs, key=lambda run: run.decode_tokens_per_s)  # best of the repeats
         timed = r.step_s[len(r.step_s) - r.timed_steps :]
         step = statistics.median(timed) if timed else None
-        linear = linear_step_s(model, batch, device) if step else None
+        linear = linear_step_s(model, batch, device, loop) if step else None
         out["decode"][str(batch)] = {
             "tokens_per_s": r.decode_tokens_per_s,
             "step_ms_median": step * 1e3 if step else None,
@@ -128,6 +189,8 @@ def measure(model, device, args, gen, loop: str = "default") -> dict:
             "compiled": r.compiled,
             "compile_error": r.compile_error,
         }
+        if args.split and torch.device(device).type == "cpu":
+            out["decode"][str(batch)]["split"] = time_split(model, prompts, loop)
     sparse = next((m for m in model.modules() if type(m).__name__ == "SparseLinear"), None)
     if sparse is not None and torch.device(device).type == "cuda":
         x = torch.zeros(1, sparse.in_features, device=device, dtype=sparse.values.dtype)
@@ -284,9 +347,7 @@ def table_rows(doc: dict) -> tuple[list[str], list[list]]:
     )
     rows = []
     for r in doc["results"]:
-        graph = all(v["cuda_graph"] for v in r["decode"].values())
-        compiled = all(v.get("compiled") for v in r["decode"].values())
-        loop = "cuda graph" if graph else "compiled" if compiled else "eager"
+        loop = loop_label(r)
         peaks = [r.get("peak_bytes")]
         share = [r["decode"][str(b)].get("outside_linear_share") for b in batches]
         rows.append(
@@ -320,6 +381,27 @@ def to_markdown(doc: dict) -> str:
         "shape); peak MiB: from loading (and pruning, packing) the model to the end of "
         "its prefill timing (CPU: the process's peak resident set)"
     )
+    split_rows = []
+    for r in doc["results"]:
+        for b, v in r["decode"].items():
+            sp = v.get("split")
+            if sp:
+                split_rows.append(
+                    [r["model"], r["variant"], loop_label(r), b, sp["step_ms_profiled"]]
+                    + [f"{sp[f'{k}_share']:.0%}" for k in (*SPLIT_OPS, "other")]
+                )
+    if split_rows:
+        lines += [
+            "",
+            "### Where a decode step goes (torch.profiler, self time per op, per step)",
+            "",
+            markdown_table(
+                ["model", "variant", "loop", "batch", "step ms (profiled)"]
+                + ["linear", "attention + KV cache", "guards", "other"],
+                split_rows,
+            ),
+            "",
+        ]
     seen = set()
     for r in doc["results"]:
         if r.get("masks") and (r["model"], r["variant"]) not in seen:
@@ -392,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owl-profile", default=None, help="JSON with real OWL block sparsities")
     p.add_argument("--save-owl-profile", default=None, help="write the real OWL profile here")
     p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument(
+        "--split",
+        action="store_true",
+        help="CPU: also split each decode step by torch.profiler (linear, attention, guards)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None)
     p.add_argument("--md-out", default=None, help="write the stamped markdown table here")

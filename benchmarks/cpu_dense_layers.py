@@ -1,15 +1,18 @@
-"""Dense layers on a CPU at decode sizes: torch's ``F.linear`` against the owl-sparse bitmap
-kernel reading the same weights packed with an all-ones mask (dense values plus a 1/16
-bitmap), to size what a dense GEMV of our own would buy the dense model and the packed
-models' dense LM head.
+"""Dense layers on a CPU at decode sizes: torch's ``F.linear`` against owl-sparse's dense
+kernel (``owl_sparse::dense_linear`` forced to ``cpu_kernel``: the weight streamed once for
+all tokens), the faster of the two per shape and token count going into the CPU dispatch
+table (format "dense").
 
 For each layer shape of SmolLM2-135M (its decoder linears and the tied 49152 x 576 head)
-and each token count, both contenders cycle through enough copies of their weights to cover
-3x the last-level cache the machine reports (capped at 2048 copies: the smallest layers'
-sets may then still fit the cache, noted per row), take turns over 3 rounds, and report the
-median time and GB/s of weight bytes.
+and LLaMA-2-7B, and each token count, both contenders cycle through enough copies of their
+weights to cover 3x the last-level cache the machine reports (capped at 2048 copies: the
+smallest layers' sets may then still fit the cache, noted per row), take turns over 3
+rounds, and report the median time and GB/s of weight bytes.
 
     python -m benchmarks.cpu_dense_layers --out benchmarks/results/cpu-dense-layers-<date>
+
+writes the table's "dense" entries into ``owl_sparse/ops/tables/cpu-<isa>.json`` (the
+packed formats' entries there are kept; ``--table-out none`` skips it).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_cpu import copies_for, packed_copies
+from benchmarks.bench_cpu import copies_for
 from benchmarks.common import (
+    REPO,
     env_markdown,
     environment,
     gbps,
@@ -35,6 +39,7 @@ from benchmarks.common import (
     time_calls,
     write_json,
 )
+from benchmarks.kernel_tables import update_table
 
 SHAPES = {  # SmolLM2-135M: hidden 576, 9 query / 3 key-value heads of 64, MLP 1536
     "q/o 576x576": (576, 576),
@@ -42,38 +47,39 @@ SHAPES = {  # SmolLM2-135M: hidden 576, 9 query / 3 key-value heads of 64, MLP 1
     "gate/up 1536x576": (1536, 576),
     "down 576x1536": (576, 1536),
     "lm_head 49152x576": (49152, 576),
+    "7B q/k/v/o 4096x4096": (4096, 4096),
+    "7B gate/up 11008x4096": (11008, 4096),
+    "7B down 4096x11008": (4096, 11008),
 }
+CONTENDERS = ("torch", "cpu_kernel")
 ROUNDS = 3
 MAX_COPIES = 2048
 
 
 def run(tokens: list[int], target_s: float) -> dict:
-    from owl_sparse.formats import pack
-    from owl_sparse.ops import dispatch
+    from owl_sparse.ops import cpu
 
+    if not cpu.available():
+        raise SystemExit(f"the CPU kernels are unavailable: {cpu.status()['error']}")
     llc = llc_bytes()
     gen = torch.Generator().manual_seed(0)
     rows = []
     with torch.inference_mode():
         for layer, (n, k) in SHAPES.items():
             w = (torch.randn(n, k, generator=gen) * 0.02).bfloat16()
-            packed = pack(w, torch.ones(n, k, dtype=torch.bool), "bitmap")
-            dense_copies = copies_for(n * k * 2, llc, cap=MAX_COPIES)
-            denses = [w] + [w.clone() for _ in range(dense_copies - 1)]
-            packs = packed_copies(packed, copies_for(packed.nbytes, llc, cap=MAX_COPIES))
+            copies = copies_for(n * k * 2, llc, cap=MAX_COPIES)
+            weights = [w] + [w.clone() for _ in range(copies - 1)]
             for t in tokens:
                 x = torch.randn(t, k, generator=gen).bfloat16()
                 ref = F.linear(x.float(), w.float())
 
-                def ours(p, x=x):
-                    with dispatch.force_backend("bitmap", "cpu_sparse"):
-                        return torch.ops.owl_sparse.bitmap_linear(
-                            x, p.bitmap, p.values, p.tile_offsets, None, p.N, p.K
-                        )
+                def ours(d, x=x):
+                    with cpu.force_dense("cpu_kernel"):
+                        return torch.ops.owl_sparse.dense_linear(x, d, None)
 
                 calls = {
-                    "torch_dense": [lambda d=d, x=x: F.linear(x, d) for d in denses],
-                    "owl_bitmap_ones": [lambda p=p: ours(p) for p in packs],
+                    "torch": [lambda d=d, x=x: F.linear(x, d) for d in weights],
+                    "cpu_kernel": [lambda d=d: ours(d) for d in weights],
                 }
                 errors = {
                     name: ((fns[0]().float() - ref).norm() / ref.norm()).item()
@@ -89,8 +95,6 @@ def run(tokens: list[int], target_s: float) -> dict:
                         )
                 med = {name: statistics.median(ts) for name, ts in times.items()}
                 for name, sec in med.items():
-                    nbytes = n * k * 2 if name == "torch_dense" else packed.nbytes
-                    copies = len(calls[name])
                     rows.append(
                         dict(
                             layer=layer,
@@ -99,14 +103,40 @@ def run(tokens: list[int], target_s: float) -> dict:
                             tokens=t,
                             contender=name,
                             time_us=sec * 1e6,
-                            gbps=gbps(nbytes, sec),
-                            speedup=med["torch_dense"] / sec,
+                            gbps=gbps(n * k * 2, sec),
+                            speedup=med["torch"] / sec,
                             rel_err=errors[name],
                             copies=copies,
-                            rotation_fits_llc=copies * nbytes <= llc,
+                            rotation_fits_llc=copies * n * k * 2 <= llc,
                         )
                     )
     return {"env": environment("cpu"), "llc_bytes": llc, "rows": rows}
+
+
+def dispatch_entries(rows: list[dict]) -> list[dict]:
+    """The faster contender per (N, K, token bucket), as CPU table entries of fmt "dense"."""
+    from owl_sparse.ops.table import token_bucket
+
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        cells.setdefault((r["N"], r["K"], token_bucket(r["tokens"])), {})[r["contender"]] = r
+    out = []
+    for (n, k, t), c in sorted(cells.items()):
+        best = min(c.values(), key=lambda r: r["time_us"])
+        why = f"cpu_kernel {c['cpu_kernel']['speedup']:.2f}x torch ({best['time_us']:.0f} us)"
+        out.append(
+            dict(
+                fmt="dense",
+                dtype="bfloat16",
+                N=n,
+                K=k,
+                tokens=t,
+                sparsity=0.0,
+                backend=best["contender"],
+                why=why,
+            )
+        )
+    return out
 
 
 def to_markdown(doc: dict) -> str:
@@ -116,7 +146,7 @@ def to_markdown(doc: dict) -> str:
         cell[r["contender"]] = r
     out = []
     for (layer, t), c in rows.items():
-        d, o = c["torch_dense"], c["owl_bitmap_ones"]
+        d, o = c["torch"], c["cpu_kernel"]
         out.append(
             [
                 layer,
@@ -128,7 +158,7 @@ def to_markdown(doc: dict) -> str:
             ]
         )
     return markdown_table(
-        ["layer", "tokens", "torch bf16 us", "owl bitmap (all ones) us", "speed-up", "fits LLC"],
+        ["layer", "tokens", "torch bf16 us", "owl dense kernel us", "speed-up", "fits LLC"],
         out,
     )
 
@@ -145,15 +175,31 @@ def _token_counts(text: str) -> list[int]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="cpu_dense_layers", description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=_token_counts, default="1,4", help="comma list, e.g. 1,4")
+    p.add_argument(
+        "--tokens", type=_token_counts, default="1,2,4,8,16", help="comma list, e.g. 1,4"
+    )
     p.add_argument("--target-s", type=float, default=0.3, help="seconds of timing per point")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    p.add_argument(
+        "--table-out",
+        default=None,
+        help="dispatch table to update (default: owl_sparse/ops/tables/cpu-<isa>.json when "
+        "--out is given; 'none' to skip)",
+    )
     args = p.parse_args(argv)
     doc = run(args.tokens, args.target_s)
+    doc["dispatch"] = dispatch_entries(doc["rows"])
+    from owl_sparse.ops import cpu
+
+    table = args.table_out
+    if table is None and args.out:
+        table = str(REPO / "owl_sparse" / "ops" / "tables" / f"cpu-{cpu.isa()}.json")
+    if table and table != "none":
+        doc["table"] = str(update_table(Path(table), cpu.device_key(), doc["dispatch"]))
     doc["command"] = "python -m benchmarks.cpu_dense_layers " + " ".join(argv or sys.argv[1:])
     md = "\n".join(
         [
-            "# Dense bf16 layers at decode sizes: torch F.linear vs owl-sparse bitmap of ones",
+            "# Dense bf16 layers at decode sizes: torch F.linear vs owl-sparse's dense kernel",
             "",
             env_markdown(doc["env"]),
             f"- command: `{doc['command']}`",

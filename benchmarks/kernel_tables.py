@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from benchmarks.common import markdown_table
 
 MARGIN = 0.97  # a kernel enters the dispatch table only when it takes <= 97% of dense time
@@ -114,3 +116,18 @@ def to_markdown(doc: dict) -> str:
     if doc["skipped"]:
         lines += ["", f"Not measured (time budget): {len(doc['skipped'])} shape/pattern groups."]
     return "\n".join(lines)
+
+
+def update_table(path: Path, device: str, entries: list[dict]) -> Path:
+    """Replace the entries of ``entries``' formats in the table at ``path`` (others kept)."""
+    import json
+
+    from owl_sparse.ops import dispatch
+
+    fmts = {e["fmt"] for e in entries}
+    kept = []
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("gpu") == device:
+            kept = [e for e in old.get("entries", []) if e["fmt"] not in fmts]
+    return dispatch.save_table(path, device, kept + entries)

@@ -203,55 +203,50 @@ bool sp24_span(DType dtype, const Sparse24View& w, const Activations& x, const v
   return true;
 }
 
-// Software prefetch distance of the dense kernel: bytes ahead in each of a group's rows
-// (the group streams R rows at once, more streams than the hardware prefetchers follow).
-constexpr int64_t kPrefetchDenseBytes = 1024;
-
-// Dense rows [n0, n0 + R): each 32 columns of a row are one full word; the last 32 of a
-// row may be partial (K % 32 != 0), read exactly (no byte past the row's K-th value).
-template <class Ops, int R, int T>
-void dense_rows(const DenseView& w, const typename Ops::XT* x, int64_t n0, float* sums) {
-  typename Ops::Acc acc[R][T];
-  for (int i = 0; i < R; ++i)
-    for (int t = 0; t < T; ++t) acc[i][t] = Ops::zero();
+// Dense row n, all T tokens.  Rows go one after the other, each read front to back (one
+// sequential stream, which the hardware prefetchers follow; R rows interleaved, as the
+// packed loops go, were measured slower on short rows), with A accumulators per token
+// (alternating words) to hide the multiply's latency.  The last 32 columns of a row may be
+// partial (K % 32 != 0), read exactly (no byte past the row's K-th value).
+template <class Ops, int T>
+void dense_row(const DenseView& w, const typename Ops::XT* x, int64_t n, float* sums) {
+  constexpr int A = T <= 4 ? 2 : 1;
+  typename Ops::Acc acc[A][T];
+  for (int a = 0; a < A; ++a)
+    for (int t = 0; t < T; ++t) acc[a][t] = Ops::zero();
   const int64_t full = w.k / 32;
-  const auto* rows = static_cast<const typename Ops::VT*>(w.values) + n0 * w.ld;
-  constexpr int64_t ahead = kPrefetchDenseBytes / int64_t(sizeof(typename Ops::VT));
-  for (int64_t c = 0; c < full; ++c) {
+  const auto* row = static_cast<const typename Ops::VT*>(w.values) + n * w.ld;
+  int64_t c = 0;
+  for (; c + A <= full; c += A) {
+#pragma GCC unroll 2
+    for (int a = 0; a < A; ++a) {
+      const typename Ops::W e = Ops::load(row + (c + a) * 32);
 #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) {
-      const typename Ops::VT* p = rows + i * w.ld + c * 32;
-      if ((c & 1) == 0 && c * 32 + ahead < w.k) __builtin_prefetch(p + ahead);
-      const typename Ops::W e = Ops::load(p);
-#pragma GCC unroll 16
-      for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, x + (c * T + t) * 32);
+      for (int t = 0; t < T; ++t) Ops::fma(acc[a][t], e, x + ((c + a) * T + t) * 32);
     }
+  }
+  for (; c < full; ++c) {
+    const typename Ops::W e = Ops::load(row + c * 32);
+    for (int t = 0; t < T; ++t) Ops::fma(acc[0][t], e, x + (c * T + t) * 32);
   }
   if (w.k % 32) {
-    const int cols = int(w.k - full * 32);
-    const uint32_t m = (1u << cols) - 1u;
-    for (int i = 0; i < R; ++i) {
-      const typename Ops::VT* p = rows + i * w.ld + full * 32;
-      const typename Ops::W e = Ops::decode_exact(m, p);
-      for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, x + (full * T + t) * 32);
-    }
+    const typename Ops::VT* p = row + full * 32;
+    const typename Ops::W e = Ops::decode_exact((1u << (w.k - full * 32)) - 1u, p);
+    for (int t = 0; t < T; ++t) Ops::fma(acc[0][t], e, x + (full * T + t) * 32);
   }
-  for (int i = 0; i < R; ++i)
-    for (int t = 0; t < T; ++t) sums[i * T + t] = Ops::sum(acc[i][t]);
+  for (int t = 0; t < T; ++t) {
+    sums[t] = Ops::sum(acc[0][t]);
+    for (int a = 1; a < A; ++a) sums[t] += Ops::sum(acc[a][t]);
+  }
 }
 
 template <class Ops, int R, int T>
 bool dense_span(DType dtype, const DenseView& w, const Activations& x, const void* bias, void* y,
                 int64_t ldy, int64_t row_begin, int64_t row_end) {
   const auto* xs = static_cast<const typename Ops::XT*>(x.data);
-  float sums[R * T];
-  int64_t n = row_begin;
-  for (; n + R <= row_end; n += R) {
-    dense_rows<Ops, R, T>(w, xs, n, sums);
-    for (int i = 0; i < R; ++i) store_row(dtype, sums + i * T, T, bias, y, ldy, n + i);
-  }
-  for (; n < row_end; ++n) {  // fewer than R rows left
-    dense_rows<Ops, 1, T>(w, xs, n, sums);
+  float sums[T];
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    dense_row<Ops, T>(w, xs, n, sums);
     store_row(dtype, sums, T, bias, y, ldy, n);
   }
   return true;

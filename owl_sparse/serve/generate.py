@@ -277,7 +277,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no_grad would still run every custom op's autograd wrapper
 def _generate_batch(
     model, seqs, max_new_tokens, device, dtype, pad_id, eos, use_graph, compile_step, pick
 ) -> dict:

@@ -392,11 +392,22 @@ def test_cpu_dense_layers_reduced(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cpu_dense_layers, "SHAPES", {"odd 40x200": (40, 200), "b 17x64": (17, 64)})
     monkeypatch.setattr(cpu_dense_layers, "llc_bytes", lambda: 64 * 2**10)
-    doc = cpu_dense_layers.main(
-        ["--tokens", "1,3", "--target-s", "0.003", "--out", str(tmp_path / "d")]
-    )
+    from owl_sparse.ops import cpu, dispatch
+
+    table = tmp_path / "t.json"
+    packed_entry = dict(fmt="bitmap", dtype="bfloat16", N=64, K=64, tokens=1, sparsity=0.7)
+    dispatch.save_table(table, cpu.device_key(), [dict(packed_entry, backend="dense")])
+    args = ["--tokens", "1,3", "--target-s", "0.003", "--out", str(tmp_path / "d")]
+    doc = cpu_dense_layers.main([*args, "--table-out", str(table)])
     assert len(doc["rows"]) == 2 * 2 * 2
     for r in doc["rows"]:
         assert r["rel_err"] < 2e-2, r  # both contenders against fp32
         assert r["time_us"] > 0 and r["copies"] >= 2
     assert (tmp_path / "d.md").read_text().count("x |") >= 1 and (tmp_path / "d.json").is_file()
+    saved = json.loads(table.read_text())["entries"]
+    dense = [e for e in saved if e["fmt"] == "dense"]
+    assert {(e["N"], e["K"], e["tokens"]) for e in dense} == {
+        (n, k, t) for n, k in ((40, 200), (17, 64)) for t in (1, 4)
+    }
+    assert all(e["backend"] in ("torch", "cpu_kernel") for e in dense)
+    assert [e for e in saved if e["fmt"] == "bitmap"] == [dict(packed_entry, backend="dense")]
