@@ -23,7 +23,7 @@
 // panel (one per thread, reused by every layer), so no call ever holds a dense copy of a
 // whole layer; for a dense weight on the weight itself.  The choice: forced backend, else
 // the measured table (same lookup rules as owl_sparse/ops/dispatch.py), else the kernel up
-// to 16 tokens and the GEMM beyond.
+// to 16 tokens (dense weights: 2) and the GEMM beyond.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -49,6 +49,7 @@ using owl_cpu::Isa;
 
 constexpr int64_t kValuesPad = 16;          // formats/bitmap.py VALUES_PAD
 constexpr int64_t kPanelBytes = 4 << 20;  // dense backend: unpacked rows per GEMM
+constexpr int64_t kDenseKernelTokens = 2;  // dense weights off the table: the kernel up to this
 
 std::atomic<int> g_forced_isa{-1};
 std::atomic<bool> g_poison{false};  // tests: fill outputs with NaN before the kernels write
@@ -151,8 +152,12 @@ Choice choose_backend(int fmt, const std::string& dtype, int64_t n, int64_t k, i
     return {best->backend, why};
   }
   const std::string rule = std::string("cpu ") + owl_cpu::isa_name(active_isa()) + " default rule: ";
+  if (fmt == 2) {  // dense weights: the kernel won at 1-2 tokens on every shape measured
+    if (tokens <= kDenseKernelTokens) return {0, rule + "kernel up to 2 tokens"};
+    return {1, rule + "torch GEMM beyond 2 tokens"};
+  }
   if (tokens <= owl_cpu::kMaxTokens) return {0, rule + "kernel up to 16 tokens"};
-  return {1, rule + (fmt == 2 ? "torch GEMM" : "dense panels") + " beyond 16 tokens"};
+  return {1, rule + "dense panels beyond 16 tokens"};
 }
 
 // ------------------------------------------------------------------ checks

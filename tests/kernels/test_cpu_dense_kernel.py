@@ -68,7 +68,9 @@ def test_batched_non_contiguous_and_empty():
 
 
 def test_dispatch_default_rule_and_forcing():
-    assert cpu.choose("dense", torch.bfloat16, 64, 256, 1, 0.0)[0] == "cpu_kernel"
+    # a shape no table entry is near: the kernel up to 2 tokens, torch's GEMM beyond
+    assert cpu.choose("dense", torch.bfloat16, 64, 32, 2, 0.0)[0] == "cpu_kernel"
+    assert cpu.choose("dense", torch.bfloat16, 64, 32, 3, 0.0)[0] == "torch"
     assert cpu.choose("dense", torch.bfloat16, 64, 256, 64, 0.0)[0] == "torch"
     with cpu.force_dense("torch"):
         assert cpu.choose("dense", torch.bfloat16, 64, 256, 1, 0.0) == ("torch", "forced")
