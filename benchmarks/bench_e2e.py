@@ -122,9 +122,9 @@ SPLIT_OPS = {
 }
 
 
-def time_split(model, prompts, loop: str, steps: int = 16) -> dict:
-    """Where a decode step's time goes (CPU), from torch.profiler: a run of ``steps`` + 1 new
-    tokens (its step already compiled by an unprofiled run of the same length) less a
+def time_split(model, prompts, loop: str, new_tokens: int) -> dict:
+    """Where a decode step's time goes (CPU), from torch.profiler: a run of ``new_tokens``
+    (the same cache length as the timed runs, so the same compiled step) less a
     prefill-only run, per decode step, split into the linear layers,
     attention with the KV-cache writes, the compiled step's guard checks, and everything
     else (pointwise kernels, embedding, sampling, Python), as shares of the step."""
@@ -144,8 +144,10 @@ def time_split(model, prompts, loop: str, steps: int = 16) -> dict:
                     parts[part] += e.self_cpu_time_total / 1e6
         return wall, parts
 
-    generate_ids(model, prompts, max_new_tokens=1 + steps, stop_at_eos=False, **LOOPS[loop])
-    (w0, p0), (w1, p1) = profiled(1), profiled(1 + steps)
+    steps = new_tokens - 1
+    if steps < 1:
+        return {}
+    (w0, p0), (w1, p1) = profiled(1), profiled(new_tokens)
     step = (w1 - w0) / steps
     if step <= 0:
         return {}
@@ -190,7 +192,7 @@ def measure(model, device, args, gen, loop: str = "default") -> dict:
             "compile_error": r.compile_error,
         }
         if args.split and torch.device(device).type == "cpu":
-            out["decode"][str(batch)]["split"] = time_split(model, prompts, loop)
+            out["decode"][str(batch)]["split"] = time_split(model, prompts, loop, args.new_tokens)
     sparse = next((m for m in model.modules() if type(m).__name__ == "SparseLinear"), None)
     if sparse is not None and torch.device(device).type == "cuda":
         x = torch.zeros(1, sparse.in_features, device=device, dtype=sparse.values.dtype)

@@ -95,6 +95,9 @@ def pick_calibration(model, tokenizer, args: DemoConfig) -> tuple[torch.Tensor, 
     return ids, f"{args.calib_samples} x {args.calib_seqlen} tokens from {path}"
 
 
+TORCH_DENSE = "dense, torch F.linear"  # the demo's row for dense served without our kernel
+
+
 def _weight_bytes(model) -> int:
     """Bytes of the decoder-block linear weights (dense or packed) — what sparsity saves."""
     total = 0
@@ -144,11 +147,19 @@ def run_demo(args: DemoConfig) -> dict:
 
     rows, results = [], {}
 
-    def serve():
+    def serve(native_dense=None):
         """Generate from the prompt; returns the result and the peak memory while serving
-        (the process's resident set on a CPU, allocated bytes on CUDA)."""
+        (the process's resident set on a CPU, allocated bytes on CUDA).  ``native_dense``:
+        see `owl_sparse.serve.generate` (None: the default, owl-sparse's dense kernel on a
+        CPU)."""
         with PeakMemory(device) as mem:
-            gen = generate(model, tokenizer, PROMPT, max_new_tokens=args.max_new_tokens)
+            gen = generate(
+                model,
+                tokenizer,
+                PROMPT,
+                max_new_tokens=args.max_new_tokens,
+                native_dense=native_dense,
+            )
         return gen, mem.peak_total_bytes
 
     def record(name, sparsity, ppl, served):
@@ -178,6 +189,10 @@ def run_demo(args: DemoConfig) -> dict:
         f"{args.pattern}" + (f" (the default: {DEMO_DEFAULTS_SOURCE})" if _is_default(args) else "")
     )
     dense_ppl = perplexity(model, windows, progress=progress).perplexity
+    torch_served = None
+    if device.type == "cpu":  # the baseline a user has without owl-sparse: torch's F.linear
+        torch_served = serve(native_dense=False)
+        record(TORCH_DENSE, 0.0, dense_ppl, torch_served)
     dense_served = serve()
     record("dense", 0.0, dense_ppl, dense_served)
 
@@ -233,10 +248,14 @@ def run_demo(args: DemoConfig) -> dict:
         if dense_gen.decode_tokens_per_s
         else float("nan")
     )
-    print(
-        f"packed decode: {speedup:.2f}x dense tok/s "
-        f"({'compiled' if packed_gen.compiled else 'eager'} decode step on {device})"
-    )
+    line = f"packed decode: {speedup:.2f}x dense tok/s"
+    if torch_served is not None and torch_served[0].decode_tokens_per_s:
+        versus_torch = packed_gen.decode_tokens_per_s / torch_served[0].decode_tokens_per_s
+        line += (
+            f" (dense layers through owl-sparse's dense kernel), {versus_torch:.2f}x "
+            "dense through torch's F.linear"
+        )
+    print(f"{line}; {'compiled' if packed_gen.compiled else 'eager'} decode step on {device}")
     if settings.get().ci:
         print("(CI run: timings on a shared CPU are indicative only)")
     return {  # the CLI adds command, model and seconds (cli/main.py JSON_KEYS)

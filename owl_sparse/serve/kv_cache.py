@@ -16,7 +16,10 @@ padded row computes exactly what it would compute alone.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import types
+import weakref
 
 import torch
 
@@ -179,17 +182,29 @@ def _decode_forward(model, tokens, positions, mask, cache, kwargs):
     return out.logits[:, -1, :]
 
 
-_compiled_forward = None  # torch.compile(_decode_forward), made on first use
 _compile_failed: str | None = None  # why compiling failed once (then never again)
+# One compiled step per model and per set of module types (a dense model served with torch's
+# F.linear or owl-sparse's kernel, a model before and after sparsify_): each gets its own
+# copy of _decode_forward's code object, so torch.compile keeps its graphs apart and a step
+# never pays guard checks against another model's graphs (nor runs into dynamo's recompile
+# limit, after which it would fall back to eager without a word).
+_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_copies = itertools.count()
+# Graphs one compiled step may hold: one per (batch, cache length) served.
+RECOMPILE_LIMIT = 64
 
 
-def _compiled():
-    global _compiled_forward
-    if _compiled_forward is None:
-        # dynamic=False: one graph per (model, batch, cache length); the step's inputs
-        # keep their shapes from step to step, so no step recompiles.
-        _compiled_forward = torch.compile(_decode_forward, dynamic=False)
-    return _compiled_forward
+def _compiled(model):
+    variant = frozenset(type(m) for m in model.modules())
+    steps = _compiled_steps.setdefault(model, {})
+    if variant not in steps:
+        code = _decode_forward.__code__
+        code = code.replace(co_name=f"{code.co_name}_{next(_copies)}")
+        fn = types.FunctionType(code, _decode_forward.__globals__, code.co_name)
+        # dynamic=False: one graph per (batch, cache length); the step's inputs keep their
+        # shapes from step to step, so no step recompiles.
+        steps[variant] = torch.compile(fn, dynamic=False)
+    return steps[variant]
 
 
 class DecodeStep:
@@ -207,7 +222,7 @@ class DecodeStep:
 
     With ``compile_step=True`` (and no graph) the forward pass runs through
     ``torch.compile`` (inductor): the first step pays the compilation (cached for the
-    process per model and shapes, and on disk by inductor), later steps run without
+    process per model, module types and shapes, and on disk by inductor), later steps run without
     Python module overhead.  When compiling fails the step runs eagerly, ``compile_error``
     says why and one warning is logged; later steps in the process do not try again.
     """
@@ -247,6 +262,7 @@ class DecodeStep:
         self.want_compile = compile_step and not self.want_graph and _compile_failed is None
         self.compile_error: str | None = _compile_failed if compile_step else None
         self.compiled = False  # True once a compiled step ran
+        self.step_fn = _compiled(model) if self.want_compile else None
 
     def _forward(self) -> torch.Tensor:
         return _decode_forward(
@@ -256,9 +272,11 @@ class DecodeStep:
     def _compiled_forward(self) -> torch.Tensor:
         global _compile_failed
         try:
-            logits = _compiled()(
-                self.model, self.tokens, self.positions, self.mask, self.cache, self.kwargs
-            )
+            limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                logits = self.step_fn(
+                    self.model, self.tokens, self.positions, self.mask, self.cache, self.kwargs
+                )
         except Exception as e:  # a step that failed to compile wrote nothing: run it eagerly
             self.want_compile = False
             self.compile_error = _compile_failed = f"{type(e).__name__}: {e}".split("\n")[0]

@@ -32,7 +32,7 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here\nsecond line")
 
-    monkeypatch.setattr(kv_cache, "_compiled", lambda: broken)
+    monkeypatch.setattr(kv_cache, "_compiled", lambda model: broken)
     monkeypatch.setattr(kv_cache, "_compile_failed", None)
     model = tiny_model("llama", seed=5)
     with caplog.at_level(logging.WARNING, logger=kv_cache.log.name):
@@ -58,3 +58,19 @@ def test_default_comes_from_settings(monkeypatch):
     finally:
         monkeypatch.undo()
         settings.reload()
+
+
+def test_one_compiled_step_per_model_and_module_types():
+    """Each model (and each set of its module types) compiles its own copy of the step, so
+    one model's graphs never sit in another's guard checks or recompile budget."""
+    from owl_sparse.nn.native import native_linears
+
+    a, b = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
+    step_a = kv_cache._compiled(a)
+    assert kv_cache._compiled(a) is step_a
+    assert kv_cache._compiled(b) is not step_a
+    with native_linears(a):
+        swapped = kv_cache._compiled(a)
+    assert swapped is not step_a and kv_cache._compiled(a) is step_a
+    codes = {f._torchdynamo_orig_callable.__code__ for f in (step_a, swapped)}
+    assert len(codes) == 2  # separate code objects: separate dynamo caches
