@@ -47,6 +47,7 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.e2e_models import RANDOM_CONFIGS, REAL_MODELS, TARGET, build
+from owl_sparse.nn.memory import return_freed_memory
 
 VARIANTS = ("dense", "bitmap-70", "2:4")
 
@@ -256,6 +257,7 @@ def run(args) -> dict:
                 for batch, prompts in row.pop("split_prompts").items():
                     split = time_split(model, prompts, row["loop"], args.new_tokens)
                     row["decode"][str(batch)]["split"] = split
+            return_freed_memory()  # ... nor, kept by malloc, in the next variant's
             results += rows
             if args.save_owl_profile and variant == "bitmap-70" and "block_sparsities" in notes:
                 write_json(
