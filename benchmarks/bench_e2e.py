@@ -257,7 +257,6 @@ def run(args) -> dict:
                 for batch, prompts in row.pop("split_prompts").items():
                     split = time_split(model, prompts, row["loop"], args.new_tokens)
                     row["decode"][str(batch)]["split"] = split
-            return_freed_memory()  # ... nor, kept by malloc, in the next variant's
             results += rows
             if args.save_owl_profile and variant == "bitmap-70" and "block_sparsities" in notes:
                 write_json(
@@ -269,6 +268,9 @@ def run(args) -> dict:
                     },
                 )
             del model
+            # The profiler's records and this variant's model, freed: back to the system
+            # before the next variant's peak starts (malloc would keep them resident).
+            return_freed_memory()
             _add_speedups(results)
             if args.json_out:  # after every variant: a step killed at its limit keeps these
                 write_json(args.json_out, doc)
