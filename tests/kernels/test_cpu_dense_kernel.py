@@ -9,7 +9,10 @@ import torch
 
 from owl_sparse.ops import cpu
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="compiled CPU kernels unavailable")
+pytestmark = [
+    pytest.mark.skipif(not cpu.available(), reason="compiled CPU kernels unavailable"),
+    pytest.mark.usefixtures("poisoned_cpu_outputs"),
+]
 
 ISAS = cpu.supported_isas() if cpu.available() else []
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -17,13 +20,6 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # (N, K): one row, one column, K below / not a multiple of 32, odd N, rows over 16.
 SHAPES = [(1, 1), (1, 8), (5, 31), (17, 33), (20, 136), (33, 300), (48, 64)]
 TOKENS = [1, 2, 3, 5, 9, 16, 17, 40]
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_outputs():
-    torch.ops.owl_sparse_cpu.set_poison(True)
-    yield
-    torch.ops.owl_sparse_cpu.set_poison(False)
 
 
 def rel_err(y, ref):
