@@ -45,9 +45,9 @@ struct BitmapView {
   int64_t nnz() const { return nnz_count; }
 };
 
-// A dense weight (nn.Linear's [N, K], row-major with row stride ld >= K elements): the
-// same loops with every mask word full, so a dense layer reads each weight byte once per
-// call for all tokens too.
+// A dense weight (nn.Linear's [N, K], row-major with row stride ld >= K elements): read
+// row after row, front to back (loops.h dense_row), each weight byte once per call for all
+// tokens, like the packed kernels.
 struct DenseView {
   const void* values;  // [N, ld], dtype
   int64_t n, k, ld;

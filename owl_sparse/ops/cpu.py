@@ -17,9 +17,9 @@ The choice: a forced backend (`force`, :func:`owl_sparse.ops.dispatch.force_back
 ``dense`` beyond.
 
 The library also serves ``owl_sparse::dense_linear`` (an ``nn.Linear`` weight as it is) with
-two backends chosen the same way (table format ``"dense"``): ``cpu_kernel``, the same loops
-streaming the weight once for up to 16 tokens with every mask word full, and ``torch``,
-torch's GEMM on the weight.
+two backends chosen the same way (table format ``"dense"``): ``cpu_kernel``, streaming the weight row
+after row, once for up to 16 tokens (the same instruction sets), and ``torch``, torch's GEMM
+on the weight; the measured table sends each token count to the faster.
 
 Loading, once: ``owl_sparse._cpu`` when setup.py built it, else (on the first op call, never
 at import) a JIT build of csrc/cpu with ninja; ``OWL_SPARSE_NO_JIT=1`` forbids it. Where

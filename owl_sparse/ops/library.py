@@ -6,8 +6,9 @@
     the same with ``W`` packed as a :class:`Sparse24Weight` (K = 2 * values.shape[1]).
 ``owl_sparse::dense_linear(x, weight, bias)``
     the same with a dense ``W`` [N, K] (an ``nn.Linear`` weight): ``F.linear``, except on the
-    CPU, where decode-sized calls (<= 16 tokens) stream the weight once for all tokens with
-    the same kernels' loops (every mask word full) and larger ones go to torch's GEMM.
+    CPU, where decode-sized calls stream the weight row after row, once for all tokens (the
+    same instruction sets as the packed kernels), and the CPU dispatch table sends token
+    counts where torch's GEMM is faster (and all beyond 16) to it.
 
 Arguments: ``x`` ``[..., K]`` in the values' dtype (fp16 / bf16 / fp32); the packed tensors
 exactly as the format modules document them; ``bias`` ``[N]`` in the same dtype or None.
