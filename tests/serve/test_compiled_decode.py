@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from factories import pruned_model, tiny_model
 
 from owl_sparse.serve import generate_ids, kv_cache
@@ -60,9 +61,10 @@ def test_default_comes_from_settings(monkeypatch):
         settings.reload()
 
 
-def test_one_compiled_step_per_model_and_module_types():
-    """Each model (and each set of its module types) compiles its own copy of the step, so
-    one model's graphs never sit in another's guard checks or recompile budget."""
+def test_one_compiled_step_per_model_and_model_state():
+    """Each model (and each state of it: module types, hooks, tensor shapes...) compiles its
+    own copy of the step, so one model's graphs never sit in another's guard checks or
+    recompile budget."""
     from owl_sparse.nn.native import native_linears
 
     a, b = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
@@ -74,3 +76,51 @@ def test_one_compiled_step_per_model_and_module_types():
     assert swapped is not step_a and kv_cache._compiled(a) is step_a
     codes = {f._torchdynamo_orig_callable.__code__ for f in (step_a, swapped)}
     assert len(codes) == 2  # separate code objects: separate dynamo caches
+
+
+def test_model_state_sees_what_the_skipped_guards_would():
+    model = tiny_model("llama", seed=3)
+    base = kv_cache.model_state(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # values: the step reads them anew, same state
+    assert kv_cache.model_state(model) == base
+    changes = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: o)
+    changes.append(kv_cache.model_state(model))
+    handle.remove()
+    assert kv_cache.model_state(model) == base
+    model.train()
+    changes.append(kv_cache.model_state(model))
+    model.eval()
+    norm = model.model.norm
+    original = norm.weight
+    norm.weight = torch.nn.Parameter(original.detach().clone()[None])  # shape
+    changes.append(kv_cache.model_state(model))
+    norm.weight = torch.nn.Parameter(original.detach().double())  # dtype
+    changes.append(kv_cache.model_state(model))
+    norm.weight = torch.nn.Parameter(original.detach().repeat(2)[::2])  # stride
+    changes.append(kv_cache.model_state(model))
+    norm.weight = original
+    assert kv_cache.model_state(model) == base
+    model.config.rms_norm_eps = 0.5
+    changes.append(kv_cache.model_state(model))
+    assert len(set(changes)) == len(changes) and base not in changes
+
+
+def test_compiled_step_follows_the_model_between_calls():
+    """Guards on the model's modules are skipped (the step checks `model_state` once per
+    call instead): changed values and an added hook must show in the compiled tokens exactly
+    as in the eager ones."""
+    model = tiny_model("llama", seed=7)
+    eager, compiled = _both(model, max_new_tokens=8)
+    assert compiled.token_ids == eager.token_ids
+    with torch.no_grad():  # new values, same state
+        for p in model.model.layers[0].parameters():
+            p.mul_(-1.5)
+    eager2, compiled2 = _both(model, max_new_tokens=8)
+    assert compiled2.token_ids == eager2.token_ids != eager.token_ids
+    bias = torch.zeros(model.config.vocab_size)
+    bias[17] = 1e4  # a hook that forces token 17
+    model.lm_head.register_forward_hook(lambda m, i, o: o + bias.to(o.dtype))
+    eager3, compiled3 = _both(model, max_new_tokens=8)  # same shapes: no recompile for them
+    assert compiled3.token_ids == eager3.token_ids == [[17] * 8] * len(PROMPTS)
