@@ -71,6 +71,7 @@ class Settings:
     cpu_isa: str | None
     compile_decode: bool
     cpu_dense_kernel: bool
+    cpu_decode_eager_attention: bool
     max_text_bytes: int
     bench_size: int
     commit: str | None
@@ -179,6 +180,9 @@ def read(env=None) -> Settings:
         cpu_isa=_cpu_isa(env),
         compile_decode=_flag(env, "OWL_SPARSE_COMPILE_DECODE", default=True),
         cpu_dense_kernel=_flag(env, "OWL_SPARSE_CPU_DENSE_KERNEL", default=True),
+        cpu_decode_eager_attention=_flag(
+            env, "OWL_SPARSE_CPU_DECODE_EAGER_ATTENTION", default=True
+        ),
         max_text_bytes=_positive_int(env, "OWL_SPARSE_MAX_TEXT_MB", 1024) * 2**20,
         bench_size=_positive_int(env, "OWL_SPARSE_BENCH_SIZE", 2048),
         commit=env.get("OWL_SPARSE_COMMIT") or None,

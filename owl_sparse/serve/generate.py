@@ -30,6 +30,7 @@ from .kv_cache import (
     cache_length,
     check_attention,
     check_memory,
+    decode_attention,
     left_pad,
     new_static_cache,
     prefill_inputs,
@@ -305,24 +306,25 @@ def _generate_batch(
     prefill_s = time.perf_counter() - t0
     del mask, logits
 
-    step = DecodeStep(
-        model, cache, lengths, width, max_len, dtype, device, use_graph, keep, compile_step
-    )
-    out = torch.full((b, max_new_tokens), pad_id, dtype=torch.int64, device=device)
-    eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    cuda = device.type == "cuda"
-    marks = [_mark(cuda)]
-    for t in range(max_new_tokens):
-        out[:, t] = token
-        if eos:
-            finished |= torch.isin(token, eos_t)
-            if (not cuda or t % _EOS_CHECK_EVERY == 0) and bool(finished.all()):
+    with decode_attention(model, device):
+        step = DecodeStep(
+            model, cache, lengths, width, max_len, dtype, device, use_graph, keep, compile_step
+        )
+        out = torch.full((b, max_new_tokens), pad_id, dtype=torch.int64, device=device)
+        eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        cuda = device.type == "cuda"
+        marks = [_mark(cuda)]
+        for t in range(max_new_tokens):
+            out[:, t] = token
+            if eos:
+                finished |= torch.isin(token, eos_t)
+                if (not cuda or t % _EOS_CHECK_EVERY == 0) and bool(finished.all()):
+                    break
+            if t == max_new_tokens - 1:
                 break
-        if t == max_new_tokens - 1:
-            break
-        token = pick(step(token, t))
-        marks.append(_mark(cuda))
+            token = pick(step(token, t))
+            marks.append(_mark(cuda))
     _sync(device)
     step_s = [_elapsed(a, z) for a, z in zip(marks[:-1], marks[1:])]
     rows = out.cpu().tolist()

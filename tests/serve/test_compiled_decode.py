@@ -124,3 +124,44 @@ def test_compiled_step_follows_the_model_between_calls():
     model.lm_head.register_forward_hook(lambda m, i, o: o + bias.to(o.dtype))
     eager3, compiled3 = _both(model, max_new_tokens=8)  # same shapes: no recompile for them
     assert compiled3.token_ids == eager3.token_ids == [[17] * 8] * len(PROMPTS)
+
+
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_cpu_decode_steps_use_eager_attention(monkeypatch, compile_step):
+    """Prefill runs the model's SDPA, the CPU decode steps transformers' eager attention
+    (same tokens: fp64), restored afterwards; OWL_SPARSE_CPU_DECODE_EAGER_ATTENTION=0 keeps
+    SDPA throughout."""
+    from owl_sparse import settings
+
+    model = tiny_model("llama", seed=8).double()
+    model.set_attn_implementation("sdpa")
+    seen = []
+    model.model.layers[0].register_forward_hook(
+        lambda m, i, o: seen.append(model.config._attn_implementation)
+    )
+    run = dict(max_new_tokens=5, stop_at_eos=False, compile_step=compile_step)
+    switched = generate_ids(model, PROMPTS, **run)
+    assert model.config._attn_implementation == "sdpa"
+    if not compile_step:  # a compiled step runs no Python hooks per step
+        assert seen == ["sdpa"] + ["eager"] * 4
+    seen.clear()
+    try:
+        monkeypatch.setenv("OWL_SPARSE_CPU_DECODE_EAGER_ATTENTION", "0")
+        settings.reload()
+        kept = generate_ids(model, PROMPTS, **run)
+    finally:
+        monkeypatch.undo()
+        settings.reload()
+    if not compile_step:
+        assert seen == ["sdpa"] * 5
+    assert kept.token_ids == switched.token_ids
+
+
+def test_decode_attention_restored_after_an_error():
+    model = tiny_model("llama", seed=9)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="boom"):
+        with kv_cache.decode_attention(model, "cpu"):
+            assert model.config._attn_implementation == "eager"
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
