@@ -231,16 +231,18 @@ def model_state(model) -> str:
     """A digest of everything of ``model`` a compiled decode step depends on besides its
     tensors' values: every module's type, ``training`` flag and hooks, every parameter's and
     buffer's name, shape, stride, dtype and device, and the config.  Two calls give the same
-    digest exactly when none of these changed in between (values may change: the step reads
-    them anew on every call)."""
+    digest when none of these changed in between (values may change: the step reads them anew
+    on every call).  Not covered: torch's global module hooks and attributes of a module
+    other than these, which decode code does not change in practice."""
     h = hashlib.sha1()
     for name, m in model.named_modules():
         hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks)
-        h.update(f"{name}|{type(m).__qualname__}|{m.training}|{[list(d) for d in hooks]}".encode())
-        for kind, tensors in (("p", m._parameters), ("b", m._buffers)):
+        kind = f"{type(m).__module__}.{type(m).__qualname__}"
+        h.update(f"{name}|{kind}|{m.training}|{[list(d) for d in hooks]}".encode())
+        for tag, tensors in (("p", m._parameters), ("b", m._buffers)):
             for key, t in tensors.items():
                 desc = None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device)
-                h.update(f"{kind}{key}{desc}".encode())
+                h.update(f"{tag}{key}{desc}".encode())
     config = getattr(model, "config", None)
     if config is not None:
         h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
