@@ -407,7 +407,10 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight,
   const int64_t tokens = x2d.size(0);
   if (tokens == 0) return output_for(x, w.n);
   if (choose_backend(2, dtype_name(x.scalar_type()), w.n, w.k, tokens, 0.0).backend == 1) {
-    return at::linear(x, wc, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt);
+    // Contiguous, as the fake implementation says (the compiled decode step does not check
+    // its ops' output strides at run time).
+    return at::linear(x, wc, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt)
+        .contiguous();
   }
   at::Tensor y = output_for(x, w.n);
   at::Tensor y2d = y.view({-1, w.n});

@@ -136,3 +136,35 @@ def test_forward_with_a_non_tensor_is_a_clear_error(fmt):
         sl([0.0] * 64)
     with pytest.raises(InputError, match="x must be a torch.Tensor, got tuple"):
         ops.linear((0.0,) * 64, sl.packed, sl.bias)
+
+
+@pytest.mark.skipif(not ops.cpu.available(), reason="compiled CPU kernels unavailable")
+@pytest.mark.parametrize("fmt", ["bitmap", "2:4", "dense"])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_cpu_outputs_have_the_fake_implementations_strides(fmt, tokens):
+    """The compiled decode step runs without inductor's size asserts (serve.kv_cache
+    COMPILE_OPTIONS): it relies on every CPU backend returning the layout the fake
+    implementation promises, for contiguous and strided inputs alike."""
+    if fmt == "dense":
+        dense = torch.randn(24, 136)
+        op, args = torch.ops.owl_sparse.dense_linear.default, (dense, torch.randn(24))
+        backends, force = ops.cpu.DENSE_BACKENDS, ops.cpu.force_dense
+    else:
+        _, packed = (bitmap_weight if fmt == "bitmap" else sparse24_weight)()
+        op, rest = op_args(packed, None, torch.randn(packed.N))
+        args = rest[1:]
+        backends = ops.cpu.BACKENDS
+        force = lambda name: ops.dispatch.force_backend(fmt, name)  # noqa: E731
+    k = 136
+    inputs = [
+        torch.randn(2, tokens, k),
+        torch.randn(tokens, 2, k).transpose(0, 1),  # batch-strided
+        torch.randn(2, tokens, 2 * k)[..., ::2],  # strided last dim
+    ]
+    for name in backends:
+        for x in inputs:
+            with force(name):
+                real = op(x, *args)
+            with FakeTensorMode() as mode:
+                fake = op(*(mode.from_tensor(a) if torch.is_tensor(a) else a for a in (x, *args)))
+            assert real.shape == fake.shape and real.stride() == fake.stride(), (name, x.stride())
