@@ -411,3 +411,57 @@ def test_cpu_dense_layers_reduced(monkeypatch, tmp_path):
     }
     assert all(e["backend"] in ("torch", "cpu_kernel") for e in dense)
     assert [e for e in saved if e["fmt"] == "bitmap"] == [dict(packed_entry, backend="dense")]
+
+
+def test_decode_rounds_interleaves_and_pairs_the_ratios(tmp_path):
+    from benchmarks import decode_rounds
+
+    calls = []
+    speeds = {"a": iter([10.0, 30.0, 40.0]), "b": iter([10.0, 10.0, 40.0])}
+
+    def contender(name):
+        def run():
+            calls.append(name)
+            return next(speeds[name]) if len(calls) > 2 else 1.0  # the warm-ups: 1.0
+
+        return run
+
+    per_round = decode_rounds.rounds({"a": contender("a"), "b": contender("b")}, 3)
+    # one warm-up each, then every round both contenders, the order rotated per round
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert per_round == {"a": [10.0, 30.0, 40.0], "b": [10.0, 10.0, 40.0]}
+    s = decode_rounds.summarize(per_round)
+    assert s["contenders"]["a"]["median"] == 30.0 and s["contenders"]["b"]["min"] == 10.0
+    assert s["ratios"]["a/b"] == 1.0  # median of 1, 3, 1 (not 30 / 10 of the medians)
+    assert s["ratios"]["b/a"] == 1.0
+
+
+def test_decode_rounds_reduced(tmp_path):
+    from benchmarks import decode_rounds
+
+    md = tmp_path / "r.md"
+    doc = decode_rounds.main(
+        [
+            "--model",
+            "tiny",
+            "--rounds",
+            "2",
+            "--new-tokens",
+            "3",
+            "--prompt-len",
+            "5",
+            "--variants",
+            "dense,bitmap-70",
+            "--md-out",
+            str(md),
+            "--json-out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    rows = doc["summary"]["contenders"]
+    assert set(rows) == {"dense", "bitmap-70"}  # no llama.cpp for a random model
+    assert all(len(r["rounds"]) == 2 and min(r["rounds"]) > 0 for r in rows.values())
+    assert "x dense (median of rounds)" in md.read_text()
+    assert json.loads((tmp_path / "r.json").read_text())["env"]["commit"]
+    with pytest.raises(Exception, match="variants"):
+        decode_rounds.main(["--model", "tiny", "--variants", "sparse"])
