@@ -171,6 +171,7 @@ def to_markdown(doc: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     _check(args)
     torch.set_num_threads(args.threads)
@@ -183,11 +184,12 @@ def main(argv=None) -> dict:
         version = available()
     doc = {
         "env": environment("cpu"),
+        "command": "python -m benchmarks.decode_rounds " + " ".join(argv),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json_out", "md_out")},
         "llamacpp_version": version,
         "summary": summarize(per_round),
     }
-    text = env_markdown(doc["env"]) + "\n\n" + to_markdown(doc)
+    text = f"{env_markdown(doc['env'])}\n- command: `{doc['command']}`\n\n{to_markdown(doc)}"
     print(text)
     if args.json_out:
         write_json(args.json_out, doc)
