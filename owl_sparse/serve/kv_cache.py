@@ -266,7 +266,8 @@ def _in_module(source) -> bool:
 # 9 ms step on the dev CPU); the model's tensors are checked once per generate call instead
 # (`model_state`: shapes, strides, dtypes, devices), the step's own inputs and the KV cache by
 # dynamo's guards, and the custom ops' outputs have the shapes and strides of their fake
-# implementations (tests/serve compare compiled and eager steps token for token).
+# implementations (tests/ops/test_library.py holds every CPU backend to them; tests/serve
+# compare compiled and eager steps token for token).
 COMPILE_OPTIONS = {"guard_filter_fn": _skip_module_guards, "size_asserts": False}
 
 
