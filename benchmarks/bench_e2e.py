@@ -38,6 +38,7 @@ import torch
 
 from benchmarks.common import (
     Deadline,
+    csv_of,
     env_markdown,
     environment,
     markdown_table,
@@ -452,20 +453,19 @@ def to_markdown(doc: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="bench_e2e", description=__doc__.splitlines()[0])
-    csv = lambda typ: lambda s: [typ(x) for x in s.split(",") if x]
     p.add_argument(
         "--models",
-        type=csv(str),
+        type=csv_of(str),
         default=["llama2-7b", "smollm2-135m-shape"] if cuda else ["smollm2-135m"],
     )
-    p.add_argument("--variants", type=csv(str), default=list(VARIANTS))
+    p.add_argument("--variants", type=csv_of(str), default=list(VARIANTS))
     p.add_argument(
         "--loops",
-        type=csv(str),
+        type=csv_of(str),
         default=["default"],
         help="decode loops: 'default' (CUDA graph / torch.compile on the CPU), 'eager'",
     )
-    p.add_argument("--batches", type=csv(int), default=[1, 8, 32] if cuda else [1, 4])
+    p.add_argument("--batches", type=csv_of(int), default=[1, 8, 32] if cuda else [1, 4])
     p.add_argument(
         "--no-llamacpp",
         dest="llamacpp",

@@ -331,6 +331,11 @@ def environment(device) -> dict:
     return env
 
 
+def csv_of(kind):
+    """argparse type: "a,b,c" -> [kind("a"), kind("b"), kind("c")] (empty items dropped)."""
+    return lambda s: [kind(v) for v in s.split(",") if v]
+
+
 # ------------------------------------------------------------------ writers
 def write_json(path: str | os.PathLike, doc: dict) -> Path:
     path = Path(path)

@@ -31,20 +31,16 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.bench_e2e import VARIANTS
-from benchmarks.common import env_markdown, environment, markdown_table, write_json
+from benchmarks.common import csv_of, env_markdown, environment, markdown_table, write_json
 from benchmarks.e2e_models import RANDOM_CONFIGS, REAL_MODELS, build
 
 LLAMACPP = "llama.cpp"
 
 
-def csv(kind):
-    return lambda s: [kind(v) for v in s.split(",") if v]
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, stories260k or tiny")
-    p.add_argument("--variants", type=csv(str), default=["dense", "bitmap-70"])
+    p.add_argument("--variants", type=csv_of(str), default=["dense", "bitmap-70"])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
