@@ -95,8 +95,8 @@ class PruneConfig:
             sparsity from second-order error curves, after Shao et al. 2023; derivation in
             `owl_sparse.pruning.allocate`) or ``"tuned"`` (uniform, OWL or sensitivity,
             whichever setting of a small grid gives the lowest loss on held-out
-            calibration windows, uniform unless beaten; `owl_sparse.pruning.tune`; then
-            `owl_m` and `owl_lambda` are ignored).
+            calibration windows, uniform unless beaten, then pruned on all the windows;
+            `owl_sparse.pruning.tune`; then `owl_m` and `owl_lambda` are ignored).
         owl_m: OWL's outlier threshold: a score is an outlier above ``owl_m`` x the block mean.
         owl_lambda: OWL: block sparsities spread over ``2 * owl_lambda`` with their mean at
             the target (``target +- owl_lambda`` for symmetric outlier ratios); they must

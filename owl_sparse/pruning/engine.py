@@ -98,6 +98,9 @@ def prune(
             ``calibration`` is held out and the rest feeds the statistics. With ``inputs``
             or ``profile`` given, ``held_out`` is required (they are then taken to be of
             ``calibration`` as passed) and ``report.allocation_search`` has the trials.
+            Once chosen, the setting is pruned again on ``calibration`` and ``held_out``
+            together (magnitude excepted: it reads no calibration), so the result is the
+            plain run of the chosen setting on every window.
         keep_masks: keep the masks in ``report.masks`` (a `MaskStore`: name -> CPU bool
             [out, in], True = kept, stored one bit per weight).
         progress: show progress bars.
@@ -140,6 +143,12 @@ def prune(
                     "held out must not be among those the statistics came from"
                 )
             calibration, held_out = tune.split_calibration(calibration)
+        elif calibration is None and NEEDS[config.method]:
+            raise InputError(
+                "allocation 'tuned' needs the calibration windows themselves, not only "
+                "inputs or a profile: the chosen setting is pruned again on all of them "
+                "(calibration + held_out)"
+            )
         check_calibration(model, held_out)
     was_training = model.training
     model.eval()
@@ -193,20 +202,41 @@ def prune(
             t = time.perf_counter()
             finalists = [(config, _allocate(structure, config, summaries), summaries)]
             timings["allocate_s"] = _lap(t, device)
-        t = time.perf_counter()
-        records, masks, summaries = _prune_finalists(
-            model,
-            structure,
-            finalists,
-            get_inputs if forwards_needed else None,
-            held_out,
-            device,
-            config,
-            keep_masks,
-            progress,
-            search,
-        )
-        timings["prune_pass_s"] = _lap(t, device)
+        if tuned and forwards_needed:
+            t = time.perf_counter()
+            chosen = _choose(
+                model, structure, finalists, get_inputs, held_out, device, config, progress, search
+            )
+            timings["confirm_s"] = _lap(t, device)
+            # tune step 5: the chosen setting, pruned again on every calibration window
+            everything = torch.cat([calibration, held_out])
+            t = time.perf_counter()
+            records, masks, summaries = _prune_all_windows(
+                model,
+                structure,
+                chosen,
+                everything,
+                device,
+                batch_size,
+                config,
+                keep_masks,
+                progress,
+            )
+            search["final_pass_windows"] = list(everything.shape)
+            timings["prune_pass_s"] = _lap(t, device)
+        else:
+            t = time.perf_counter()
+            records, masks, summaries = _prune_finalists(
+                structure,
+                finalists,
+                get_inputs if forwards_needed else None,
+                device,
+                config,
+                keep_masks,
+                progress,
+                search,
+            )
+            timings["prune_pass_s"] = _lap(t, device)
     model.train(was_training)
     report = PruneReport(
         config=config.to_dict(),
@@ -339,50 +369,64 @@ def _allocate(structure, config, summaries) -> dict[tuple[int, str], Target]:
 
 
 def _prune_finalists(
-    model,
-    structure,
-    finalists,
-    get_inputs,
-    held_out,
-    device,
-    config,
-    keep_masks,
-    progress,
-    search,
+    structure, finalists, get_inputs, device, config, keep_masks, progress, search
 ):
-    """Prune with the one finalist's targets; with two (tuned: uniform and the proxy's
-    pick) prune with each, score both on ``held_out`` and keep the pick only if it beats
-    uniform beyond noise (`tune.paired_gain`), else restore the uniform result. Records
-    the choice in ``search``. Returns (records, masks, summaries) of the one kept."""
+    """Prune with the one finalist's targets (not tuned, or tuned magnitude, whose one-shot
+    masks are the method). Returns (records, masks, summaries)."""
+    ((cand, targets, summaries),) = finalists
+    inputs = get_inputs() if get_inputs else None
+    records, masks = _prune_pass(structure, inputs, device, config, targets, keep_masks, progress)
+    if search is not None:
+        search["chosen"] = tune.describe(cand)
+    return records, masks, summaries
+
+
+def _choose(model, structure, finalists, get_inputs, held_out, device, config, progress, search):
+    """Tune step 4: with one finalist (uniform) that one; with two (uniform and the proxy's
+    pick) prune with each on the statistics windows, score both on ``held_out`` and keep
+    the pick only if it beats uniform beyond noise (`tune.paired_gain`). Records the
+    choice in ``search``; returns the chosen `PruneConfig` with the dense weights back in
+    place."""
     if len(finalists) == 1:
-        cand, targets, summaries = finalists[0]
-        inputs = get_inputs() if get_inputs else None
-        records, masks = _prune_pass(
-            structure, inputs, device, config, targets, keep_masks, progress
-        )
-        if search is not None:
-            search["chosen"] = tune.describe(cand)
-        return records, masks, summaries
+        search["chosen"] = tune.describe(finalists[0][0])
+        return finalists[0][0]
     dense = tune.snapshot_weights(structure)
-    runs = []
-    for k, (cand, targets, summaries) in enumerate(finalists):
-        if k:
-            tune.restore_weights(structure, dense)
-        inputs = get_inputs() if get_inputs else None
-        records, masks = _prune_pass(
-            structure, inputs, device, config, targets, keep_masks, progress
-        )
-        nll = perplexity(model, held_out, batch_size=4, progress=False).window_nll
-        runs.append((cand, records, masks, summaries, torch.tensor(nll, dtype=torch.float64)))
-        if k == 0:
-            pruned_uniform = tune.snapshot_weights(structure)
-    del dense
-    gain, se, beats = tune.paired_gain(runs[1][4], runs[0][4])
+    nll = []
+    try:
+        for k, (_, targets, _) in enumerate(finalists):
+            if k:
+                tune.restore_weights(structure, dense)
+            _prune_pass(structure, get_inputs(), device, config, targets, False, progress)
+            window_nll = perplexity(model, held_out, batch_size=4, progress=False).window_nll
+            nll.append(torch.tensor(window_nll, dtype=torch.float64))
+    finally:
+        tune.restore_weights(structure, dense)
+    gain, se, beats = tune.paired_gain(nll[1], nll[0])
     search["confirmed"] = {"gain_over_uniform_nll": gain, "standard_error": se}
-    if not beats:
-        tune.restore_weights(structure, pruned_uniform)
-    cand, records, masks, summaries, _ = runs[1] if beats else runs[0]
+    cand = finalists[1 if beats else 0][0]
     search["chosen"] = tune.describe(cand)
+    return cand
+
+
+def _prune_all_windows(
+    model, structure, chosen, calibration, device, batch_size, config, keep_masks, progress
+):
+    """Tune step 5: prune the dense model with the chosen setting exactly as a plain run of
+    it on ``calibration`` (all windows, the held-out ones included) would: its own dense
+    pass for the allocation's statistics, then the method. Returns (records, masks,
+    summaries)."""
+    blocks = structure.blocks
+    n, seqlen = calibration.shape
+    bs = batch_size or auto_batch_size(model, n, seqlen, device, next(blocks.parameters()).dtype)
+
+    def inputs():
+        return capture_block_inputs(model, blocks, calibration, device, bs)
+
+    summaries = None
+    if chosen.allocation != "uniform":
+        summaries = _dense_pass(structure, inputs(), device, chosen, progress)[1]
+    targets = _allocate(structure, chosen, summaries)
+    records, masks = _prune_pass(structure, inputs(), device, config, targets, keep_masks, progress)
     return records, masks, summaries
 
 

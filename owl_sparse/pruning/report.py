@@ -133,10 +133,12 @@ class PruneReport:
             text += "\n\n" + format_table(["layer", "shape", "target", "achieved"], lrows)
         if self.allocation_search is not None:
             chosen = ", ".join(f"{k} {v}" for k, v in self.allocation_search["chosen"].items())
+            final = self.allocation_search.get("final_pass_windows")
+            again = f"; then pruned on all {final[0]} windows" if final else ""
             text += (
                 f"\n\ntuned allocation: {chosen} ({len(self.allocation_search['trials'])} "
                 "settings scored on held-out calibration windows; uniform unless beaten "
-                "beyond noise)"
+                f"beyond noise{again})"
             )
         mem = self.peak_memory_bytes / 2**20
         text += (

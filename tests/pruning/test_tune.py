@@ -57,20 +57,29 @@ def test_planned_sparsity_counts_row_rounding():
 def test_tuned_equals_the_plain_run_of_what_it_chose(method):
     dense = tiny_model("llama", seed=3)
     cal = _calibration(n=8, seqlen=16, seed=4)
-    stats, held = tune.split_calibration(cal)
     model = copy.deepcopy(dense)
     report = prune(model, cal, PruneConfig(method=method, allocation="tuned", sparsity=0.6))
     search = report.allocation_search
     assert search["trials"][0]["allocation"] == "uniform"
     assert report.calibration["held_out"] == [2, 16]
+    if method != "magnitude":
+        assert search["final_pass_windows"] == [8, 16]
+        assert "then pruned on all 8 windows" in report.table()
     chosen = dict(search["chosen"])
     again = copy.deepcopy(dense)
-    plain = prune(again, stats, PruneConfig(method=method, sparsity=0.6, **chosen))
+    # every window, the held-out ones included (magnitude reads none of them)
+    plain = prune(again, cal, PruneConfig(method=method, sparsity=0.6, **chosen))
     got, want = _weights(model), _weights(again)
     assert all(torch.equal(got[k], want[k]) for k in want), f"differs from {chosen}"
     assert report.achieved_sparsity == pytest.approx(plain.achieved_sparsity)
     assert abs(report.achieved_sparsity - 0.6) <= 0.01
     assert "tuned allocation" in report.table()
+    if method != "magnitude":  # the held-out windows made a difference
+        stats_only = copy.deepcopy(dense)
+        stats, _ = tune.split_calibration(cal)
+        prune(stats_only, stats, PruneConfig(method=method, sparsity=0.6, **chosen))
+        other = _weights(stats_only)
+        assert any(not torch.equal(got[k], other[k]) for k in want)
 
 
 def test_confirmation_keeps_uniform_when_the_pick_does_not_hold(monkeypatch):
@@ -78,7 +87,6 @@ def test_confirmation_keeps_uniform_when_the_pick_does_not_hold(monkeypatch):
     model must hold exactly the uniform result."""
     dense = tiny_model("llama", seed=5)
     cal = _calibration(n=8, seqlen=16, seed=6)
-    stats, held = tune.split_calibration(cal)
     real = tune.paired_gain
     calls = []
 
@@ -94,7 +102,7 @@ def test_confirmation_keeps_uniform_when_the_pick_does_not_hold(monkeypatch):
     assert report.allocation_search["chosen"] == {"allocation": "uniform"}
     assert "confirmed" in report.allocation_search
     uniform = copy.deepcopy(dense)
-    prune(uniform, stats, PruneConfig(method="wanda", sparsity=0.6))
+    prune(uniform, cal, PruneConfig(method="wanda", sparsity=0.6))
     got, want = _weights(model), _weights(uniform)
     assert all(torch.equal(got[k], want[k]) for k in want)
 
@@ -102,7 +110,6 @@ def test_confirmation_keeps_uniform_when_the_pick_does_not_hold(monkeypatch):
 def test_confirmation_keeps_the_pick_when_it_holds(monkeypatch):
     dense = tiny_model("llama", seed=5)
     cal = _calibration(n=8, seqlen=16, seed=6)
-    stats, _ = tune.split_calibration(cal)
     monkeypatch.setattr(tune, "paired_gain", lambda c, b: (0.1, 0.01, True))
     model = copy.deepcopy(dense)
     report = prune(model, cal, PruneConfig(method="wanda", allocation="tuned", sparsity=0.6))
@@ -110,7 +117,7 @@ def test_confirmation_keeps_the_pick_when_it_holds(monkeypatch):
     assert chosen == report.allocation_search["best_trial"]
     assert chosen["allocation"] != "uniform"
     again = copy.deepcopy(dense)
-    prune(again, stats, PruneConfig(method="wanda", sparsity=0.6, **chosen))
+    prune(again, cal, PruneConfig(method="wanda", sparsity=0.6, **chosen))
     got, want = _weights(model), _weights(again)
     assert all(torch.equal(got[k], want[k]) for k in want)
 
@@ -126,6 +133,10 @@ def test_held_out_rules():
     inputs = capture_block_inputs(model, find_decoder_blocks(model).blocks, cal, "cpu", 4)
     with pytest.raises(InputError, match="needs held_out"):
         prune(model, cal, PruneConfig(allocation="tuned", sparsity=0.5), inputs=inputs)
+    with pytest.raises(InputError, match="calibration windows themselves"):
+        prune(
+            model, None, PruneConfig(allocation="tuned", sparsity=0.5), inputs=inputs, held_out=cal
+        )
     with pytest.raises(InputError, match="at least 2"):
         prune(model, cal[:1], PruneConfig(allocation="tuned", sparsity=0.5))
     bad = torch.full((2, 8), 10_000)
