@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
         "model": args.model,
         "calibration": f"{args.samples} x {args.seqlen} tokens from {calib_path.name} "
         "(WikiText-2 valid, tokenized version), one draw per seed; tuned holds the last "
-        "quarter out",
+        "quarter out to choose, then prunes its choice on all the windows",
         "evaluation": f"first {windows.shape[0]} windows x {args.seqlen} tokens of {eval_path.name}",
         "owl": {"m": 5.0, "lambda": 0.08},
         "environment": environment(device),
