@@ -271,6 +271,13 @@ def _in_module(source) -> bool:
 COMPILE_OPTIONS = {"guard_filter_fn": _skip_module_guards, "size_asserts": False}
 
 
+def compile_options() -> dict:
+    """A fresh copy of `COMPILE_OPTIONS` for one `torch.compile` call: torch.compile pops
+    ``guard_filter_fn`` out of the dict it is given, so a shared dict would compile every
+    step after the first with all of the model's guards."""
+    return dict(COMPILE_OPTIONS)
+
+
 def _compiled(model):
     state = model_state(model)
     steps = _compiled_steps.setdefault(model, {})
@@ -280,7 +287,7 @@ def _compiled(model):
         fn = types.FunctionType(code, _decode_forward.__globals__, code.co_name)
         # dynamic=False: one graph per (batch, cache length); the step's inputs keep their
         # shapes from step to step, so no step recompiles.
-        steps[state] = torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS)
+        steps[state] = torch.compile(fn, dynamic=False, options=compile_options())
     return steps[state]
 
 
