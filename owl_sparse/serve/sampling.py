@@ -35,7 +35,7 @@ def sample_next(
     """
     temperature, top_k, top_p = sampling_settings(temperature, top_k, top_p)
     if temperature == 0.0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     scores = logits.float() / temperature
     if top_k is not None and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
@@ -50,6 +50,20 @@ def sample_next(
     probs = torch.softmax(scores, dim=-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(dim=-1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` (int64 ``[B]`` of ``[B, V]``; the first of equal maxima,
+    NaN counting as the largest), computed on the CPU from an fp32 copy, one row at a time:
+    torch's CPU argmax over a 49152-entry bf16 row took ~175 us there, over fp32 ~57 us along
+    a dim and ~32 us over a flat row (SmolLM2-135M decodes a token in ~7 ms).  The fp32 copy
+    is exact, so the result is the same."""
+    if logits.device.type != "cpu" or logits.dim() != 2:
+        return logits.argmax(dim=-1)
+    rows = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+    if rows.shape[0] == 1:
+        return rows.reshape(-1).argmax().reshape(1)
+    return rows.argmax(dim=-1)
 
 
 def sampling_settings(temperature, top_k, top_p) -> tuple[float, int | None, float | None]:
