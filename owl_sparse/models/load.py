@@ -31,6 +31,7 @@ from ..io import skeleton, weights_check
 from ..io.compressed_tensors import is_compressed_tensors_dir
 from ..io.load import load_pretrained
 from ..io.packed import RECORD, WEIGHTS
+from ..io.state import finish
 from ..io.tokenizer import load_tokenizer
 from ..nn.memory import own_memory_
 from .llama2c import load_llama2c
@@ -55,6 +56,7 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype | None = None, device
         dtype: parameter dtype (default: as stored; GGUF and llama2.c give float32):
             ``torch.float16`` / ``bfloat16`` / ``float32`` or their names (``"float16"``
             ...). A weight that float16 cannot hold is refused rather than made Inf.
+            Buffers (rotary inv_freq tables) keep their dtype, as in transformers.
         device: where to put the model (default: CPU): a torch.device or a string torch
             parses, present on this machine.
 
@@ -75,13 +77,10 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype | None = None, device
         # model's own (copied tensor by tensor, nn/memory.py) lets pruning write and
         # packing free each layer without the mapping holding every page until the end.
         own_memory_(model)
-    if dtype is not None:
-        skeleton.check_fits(model, dtype, spec)
-        model = model.to(dtype)
-    if device is not None:
-        model = model.to(device)
-    model.eval()
-    return model, tokenizer
+    # Floating parameters to dtype; rotary inv_freq tables and other buffers keep theirs
+    # (fp32), as when transformers loads a model in half precision and as a packed
+    # checkpoint reloads (`model.to(bfloat16)` would round the rotary frequencies too).
+    return finish(model, device, dtype, where=spec), tokenizer
 
 
 def _load(spec: str):

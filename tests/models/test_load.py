@@ -15,8 +15,10 @@ from factories import Q0, _Payload, one_line_error, tiny_model
 from owl_sparse import settings
 from owl_sparse.cli.main import main
 from owl_sparse.errors import InputError
-from owl_sparse.io import RECORD, WEIGHTS, load_pretrained
+from owl_sparse.io import RECORD, WEIGHTS, load_pretrained, save_pretrained
 from owl_sparse.models import load_model
+from owl_sparse.nn import sparsify_
+from owl_sparse.pruning import PruneConfig, prune
 
 
 def test_load_hf_directory_roundtrip(tmp_path):
@@ -126,6 +128,24 @@ def test_loaders_accept_dtype_names(hf_dir, ck):
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     model, _ = load_pretrained(ck, dtype="float16")
     assert model.get_submodule(Q0).values.dtype == torch.float16
+
+
+def test_half_precision_keeps_buffers_as_transformers_does(hf_dir, tmp_path):
+    """load_model(dtype=bfloat16) converts parameters, not the rotary inv_freq table: as
+    transformers loads it, and as a packed checkpoint of the model reloads (a bf16 table
+    made the reloaded model's logits differ from the one that was saved)."""
+    model, _ = load_model(hf_dir, dtype="bfloat16")
+    buffers = {n: b for n, b in model.named_buffers() if "inv_freq" in n}
+    assert buffers and all(b.dtype == torch.float32 for b in buffers.values())
+    cal = torch.randint(
+        0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0)
+    )
+    report = prune(model, cal, PruneConfig(method="wanda", sparsity=0.5))
+    sparsify_(model, masks=report.masks)
+    save_pretrained(model, tmp_path / "packed")
+    reloaded, _ = load_pretrained(tmp_path / "packed")
+    with torch.no_grad():
+        assert torch.equal(model(cal[:1]).logits, reloaded(cal[:1]).logits)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "fp16", torch.float64, torch.int8, 3])
