@@ -30,6 +30,7 @@ from ..io.packed import check_output_dir, save_pretrained
 from ..models.load import load_model
 from ..models.structure import find_decoder_blocks, find_linears
 from ..nn import SparseLinear, sparsify_
+from ..ops import cpu
 from ..pruning import PruneConfig, prune
 from ..pruning.report import PeakMemory
 from ..serve import generate
@@ -46,7 +47,7 @@ class DemoConfig:
 
     ``eval_text`` / ``calib_text``: None picks WikiText-2 from the shared data when present,
     else Python's own prose / text sampled from the model (``calib_text="self"`` forces
-    that); ``device`` / ``dtype``: None means cuda when available / as stored.
+    that); ``device``: None means cuda when available; ``dtype``: None picks `pick_dtype`'s.
     """
 
     model: str = "smollm2-135m"
@@ -69,6 +70,20 @@ class DemoConfig:
     device: str | None = None
     dtype: str | None = None
     quiet: bool = False
+
+
+def pick_dtype(name: str | None, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The demo's dtype and why: ``name`` when given; else bfloat16 on a CPU whose kernels
+    multiply bf16 natively (AVX512_BF16: the packed kernels' vdpbf16ps path, half the bytes
+    of fp32 for every contender), else the model's stored dtype (None)."""
+    if name is not None:
+        return resolve_dtype(name), f"{name} (--dtype)"
+    if device.type == "cpu" and cpu.available() and cpu.isa() == "avx512_bf16":
+        return torch.bfloat16, (
+            "bfloat16 (the default on a CPU with AVX512_BF16, where the kernels multiply bf16 "
+            "natively; --dtype float32 keeps the stored precision)"
+        )
+    return None, "as stored (the default here)"
 
 
 def pick_eval_text(text: str | None) -> tuple[str, str]:
@@ -134,13 +149,14 @@ def run_demo(args: DemoConfig) -> dict:
     check_output_dir(args.out)
     progress = not args.quiet
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype)
+    dtype, dtype_why = pick_dtype(args.dtype, device)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     print(
         f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, "
         f"loaded in {time.perf_counter() - start:.1f} s) on {device}"
     )
+    print(f"dtype: {dtype_why}")
     spec, description = pick_eval_text(args.eval_text)
     windows = eval_windows(tokenize(tokenizer, load_text(spec)), args.seqlen, args.eval_windows)
     print(f"evaluation: {description}; {windows.shape[0]} windows x {args.seqlen} tokens")
@@ -259,6 +275,7 @@ def run_demo(args: DemoConfig) -> dict:
     if settings.get().ci:
         print("(CI run: timings on a shared CPU are indicative only)")
     return {  # the CLI adds command, model and seconds (cli/main.py JSON_KEYS)
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "eval_text": description,
         "calib_text": calib_description,
         "prune": report.to_dict(),

@@ -563,6 +563,7 @@ JSON_KEYS = {
     "prompts": "the prompts as run (generate)",
     "info": "the model's structure and packed layers (info)",
     "out": "the checkpoint written (prune --out, demo --out)",
+    "dtype": "the dtype the model ran in (demo)",
 }
 
 

@@ -22,3 +22,22 @@ def test_cli_demo_checks_before_loading(extra, fragments, tmp_path, capsys, no_m
     extra = [a.format(file=tmp_path / "afile") for a in extra]
     assert main(["demo", "--model", "stories260k", "--quiet", *extra]) == 2
     one_line_error(capsys, *[f.format(file=tmp_path / "afile") for f in fragments])
+
+
+def test_demo_dtype_is_bf16_where_the_cpu_multiplies_it_natively():
+    import torch
+
+    from owl_sparse.cli.demo import pick_dtype
+    from owl_sparse.ops import cpu
+
+    cpu_device = torch.device("cpu")
+    assert pick_dtype("float32", cpu_device)[0] == torch.float32
+    assert pick_dtype(None, torch.device("meta"))[0] is None  # not a CPU: as stored
+    if not cpu.available():
+        assert pick_dtype(None, cpu_device)[0] is None
+        return
+    for isa in cpu.supported_isas():
+        with cpu.use_isa(isa):
+            dtype, why = pick_dtype(None, cpu_device)
+        assert dtype == (torch.bfloat16 if isa == "avx512_bf16" else None), isa
+        assert ("AVX512_BF16" in why) == (dtype is not None)
