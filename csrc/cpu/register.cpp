@@ -127,17 +127,18 @@ struct Choice {
   std::string why;
 };
 
-Choice choose_backend(int fmt, const std::string& dtype, int64_t n, int64_t k, int64_t tokens,
-                      double sparsity) {
+// `explain`: also say why (the `choose` op); the kernels' own calls skip formatting it.
+Choice choose_backend(int fmt, const char* dtype, int64_t n, int64_t k, int64_t tokens,
+                      double sparsity, bool explain = false) {
   const int forced = g_forced_backend[fmt].load(std::memory_order_relaxed);
-  if (forced >= 0) return {forced, "forced"};
+  if (forced >= 0) return {forced, explain ? "forced" : ""};
   const int64_t bucket = token_bucket(tokens);
   const auto entries = table();
   // The shape itself, else the nearest measured one within 2x (|log2 N/N'| + |log2 K/K'| <= 1).
   const Entry* best = nullptr;
   double best_shape = 1.0 + 1e-9, best_sp = 0;
   for (const Entry& e : *entries) {
-    if (e.fmt != fmt || e.dtype != dtype || e.tokens != bucket) continue;
+    if (e.fmt != fmt || e.tokens != bucket || e.dtype != dtype) continue;
     const double d = std::fabs(std::log2(double(n) / e.n)) + std::fabs(std::log2(double(k) / e.k));
     const double ds = std::fabs(e.sparsity - sparsity);
     if (d < best_shape - 1e-12 || (std::fabs(d - best_shape) <= 1e-12 && ds < best_sp)) {
@@ -145,19 +146,20 @@ Choice choose_backend(int fmt, const std::string& dtype, int64_t n, int64_t k, i
     }
   }
   if (best != nullptr) {
+    if (!explain) return {best->backend, ""};
     char why[160];
     std::snprintf(why, sizeof(why), "table %s %lldx%lld, %lld tokens, sparsity %.3f",
                   owl_cpu::isa_name(active_isa()), (long long)best->n, (long long)best->k,
                   (long long)best->tokens, best->sparsity);
     return {best->backend, why};
   }
+  const bool kernel =
+      fmt == 2 ? tokens <= kDenseKernelTokens : tokens <= owl_cpu::kMaxTokens;
+  if (!explain) return {kernel ? 0 : 1, ""};
   const std::string rule = std::string("cpu ") + owl_cpu::isa_name(active_isa()) + " default rule: ";
-  if (fmt == 2) {  // dense weights: the kernel won at 1-2 tokens on every shape measured
-    if (tokens <= kDenseKernelTokens) return {0, rule + "kernel up to 2 tokens"};
-    return {1, rule + "torch GEMM beyond 2 tokens"};
-  }
-  if (tokens <= owl_cpu::kMaxTokens) return {0, rule + "kernel up to 16 tokens"};
-  return {1, rule + "dense panels beyond 16 tokens"};
+  if (fmt == 2)  // dense weights: the kernel won at 1-2 tokens on every shape measured
+    return {kernel ? 0 : 1, rule + (kernel ? "kernel up to 2 tokens" : "torch GEMM beyond 2 tokens")};
+  return {kernel ? 0 : 1, rule + (kernel ? "kernel up to 16 tokens" : "dense panels beyond 16 tokens")};
 }
 
 // ------------------------------------------------------------------ checks
@@ -527,7 +529,7 @@ void set_table(const std::vector<std::string>& fmt, const std::vector<std::strin
 
 std::vector<std::string> choose(const std::string& fmt, const std::string& dtype, int64_t n,
                                 int64_t k, int64_t tokens, double sparsity) {
-  const Choice c = choose_backend(format_index(fmt), dtype, n, k, tokens, sparsity);
+  const Choice c = choose_backend(format_index(fmt), dtype.c_str(), n, k, tokens, sparsity, true);
   return {c.backend == 0 ? "kernel" : "gemm", c.why};
 }
 
