@@ -8,6 +8,7 @@ documentation prose and calibrates on text sampled from the dense model itself.
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -70,6 +71,38 @@ class DemoConfig:
     device: str | None = None
     dtype: str | None = None
     quiet: bool = False
+
+
+DECODE_ROUNDS = 5  # interleaved decode rounds timing the dense and packed models
+
+
+def decode_rounds(contenders: dict, tokenizer, new_tokens: int, rounds: int) -> dict:
+    """Decode tokens/s of each contender ``name -> (model, native_dense)`` in ``rounds``
+    interleaved rounds (each contender once per round, the order rotating by one; one
+    untimed warm-up each, which compiles its step): ``name -> [tok/s per round]``.  On a
+    shared machine whose speed drifts over minutes, one decode of each, minutes apart, can
+    reverse the order of two models; rounds side by side do not."""
+    names = list(contenders)
+
+    def once(name):
+        model, native = contenders[name]
+        gen = generate(model, tokenizer, PROMPT, max_new_tokens=new_tokens, native_dense=native)
+        return gen.decode_tokens_per_s
+
+    for name in names:
+        once(name)
+    out = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            out[name].append(float(once(name)))
+    return out
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a[i] / b[i] (nan when a rate is 0)."""
+    ratios = [x / y for x, y in zip(a, b) if y]
+    return statistics.median(ratios) if ratios else float("nan")
 
 
 def pick_dtype(name: str | None, device: torch.device) -> tuple[torch.dtype | None, str]:
@@ -161,7 +194,7 @@ def run_demo(args: DemoConfig) -> dict:
     windows = eval_windows(tokenize(tokenizer, load_text(spec)), args.seqlen, args.eval_windows)
     print(f"evaluation: {description}; {windows.shape[0]} windows x {args.seqlen} tokens")
 
-    rows, results = [], {}
+    results = {}
 
     def serve(native_dense=None):
         """Generate from the prompt; returns the result and the peak memory while serving
@@ -189,16 +222,6 @@ def run_demo(args: DemoConfig) -> dict:
             "peak_memory_bytes": peak,
             "sample": gen.texts[0] if gen else None,
         }
-        rows.append(
-            [
-                name,
-                f"{sparsity:.1%}",
-                ppl,
-                f"{results[name]['weight_bytes'] / 2**20:.1f}",
-                f"{gen.decode_tokens_per_s:.1f}" if gen else "-",
-                f"{peak / 2**20:.0f}" if peak else "-",
-            ]
-        )
 
     print(
         f"pruning: {args.method} scores, {args.allocation} allocation, {args.sparsity:.0%} "
@@ -241,6 +264,33 @@ def run_demo(args: DemoConfig) -> dict:
         f"reloaded outputs identical: {same}"
     )
 
+    del reloaded
+    packed_name = f"packed ({args.format}, SparseLinear)"
+    contenders = {packed_name: (model, None), "dense": (None, None)}
+    if torch_served is not None:
+        contenders[TORCH_DENSE] = (None, False)
+    dense_model, _ = load_model(args.model, dtype=dtype, device=device)
+    contenders = {
+        name: (m if m is not None else dense_model, native)
+        for name, (m, native) in contenders.items()
+    }
+    rounds = decode_rounds(contenders, tokenizer, args.max_new_tokens, DECODE_ROUNDS)
+    del dense_model
+    for name, tok_s in rounds.items():
+        results[name]["decode_rounds_tokens_per_s"] = tok_s
+        results[name]["decode_tokens_per_s"] = statistics.median(tok_s)
+    rows = [
+        [
+            name,
+            f"{r['sparsity']:.1%}",
+            r["perplexity"],
+            f"{r['weight_bytes'] / 2**20:.1f}",
+            f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-",
+            f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] else "-",
+        ]
+        for name, r in results.items()
+    ]
+
     print()
     print(
         format_table(
@@ -259,19 +309,18 @@ def run_demo(args: DemoConfig) -> dict:
     dense_gen, packed_gen = dense_served[0], packed_served[0]
     print(f"\ndense : {PROMPT + dense_gen.texts[0]!r}")
     print(f"sparse: {PROMPT + packed_gen.texts[0]!r}")
-    speedup = (
-        packed_gen.decode_tokens_per_s / dense_gen.decode_tokens_per_s
-        if dense_gen.decode_tokens_per_s
-        else float("nan")
-    )
+    speedup = paired_ratio(rounds[packed_name], rounds["dense"])
     line = f"packed decode: {speedup:.2f}x dense tok/s"
-    if torch_served is not None and torch_served[0].decode_tokens_per_s:
-        versus_torch = packed_gen.decode_tokens_per_s / torch_served[0].decode_tokens_per_s
+    if TORCH_DENSE in rounds:
+        versus_torch = paired_ratio(rounds[packed_name], rounds[TORCH_DENSE])
         line += (
             f" (dense layers through owl-sparse's dense kernel), {versus_torch:.2f}x "
             "dense through torch's F.linear"
         )
-    print(f"{line}; {'compiled' if packed_gen.compiled else 'eager'} decode step on {device}")
+    print(
+        f"{line}; median of {DECODE_ROUNDS} interleaved rounds; "
+        f"{'compiled' if packed_gen.compiled else 'eager'} decode step on {device}"
+    )
     if settings.get().ci:
         print("(CI run: timings on a shared CPU are indicative only)")
     return {  # the CLI adds command, model and seconds (cli/main.py JSON_KEYS)

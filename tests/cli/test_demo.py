@@ -41,3 +41,24 @@ def test_demo_dtype_is_bf16_where_the_cpu_multiplies_it_natively():
             dtype, why = pick_dtype(None, cpu_device)
         assert dtype == (torch.bfloat16 if isa == "avx512_bf16" else None), isa
         assert ("AVX512_BF16" in why) == (dtype is not None)
+
+
+def test_demo_decode_rounds_rotate_and_pair(monkeypatch):
+    from owl_sparse.cli import demo
+
+    order = []
+
+    class Fake:
+        def __init__(self, rate):
+            self.rate = rate
+
+    def fake_generate(model, tokenizer, prompt, max_new_tokens, native_dense):
+        order.append(model.rate)
+        return type("G", (), {"decode_tokens_per_s": model.rate * (1 + len(order) / 100)})()
+
+    monkeypatch.setattr(demo, "generate", fake_generate)
+    got = demo.decode_rounds({"a": (Fake(1.0), None), "b": (Fake(2.0), None)}, None, 4, 3)
+    assert order == [1.0, 2.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0]  # warm-ups, then rotated rounds
+    assert len(got["a"]) == len(got["b"]) == 3
+    ratio = demo.paired_ratio(got["b"], got["a"])
+    assert 1.9 < ratio < 2.1
