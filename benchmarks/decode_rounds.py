@@ -33,6 +33,7 @@ import torch
 from benchmarks.bench_e2e import VARIANTS
 from benchmarks.common import csv_of, env_markdown, environment, markdown_table, write_json
 from benchmarks.e2e_models import RANDOM_CONFIGS, REAL_MODELS, build
+from owl_sparse.serve.timing import interleaved_rounds, paired_ratio
 
 LLAMACPP = "llama.cpp"
 
@@ -104,20 +105,6 @@ def contenders(args) -> dict:
     return runs
 
 
-def rounds(runs: dict, n: int) -> dict[str, list[float]]:
-    """Each contender once per round, the order rotated by one each round, after one
-    untimed warm-up decode each: name -> tokens/s per round (in round order)."""
-    names = list(runs)
-    for name in names:
-        runs[name]()
-    out = {name: [] for name in names}
-    for r in range(n):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            out[name].append(float(runs[name]()))
-    return out
-
-
 def summarize(per_round: dict[str, list[float]]) -> dict:
     """Median, min and max tokens/s per contender, and for every pair (a, b) the median of
     the per-round ratios a / b."""
@@ -126,7 +113,7 @@ def summarize(per_round: dict[str, list[float]]) -> dict:
         for name, v in per_round.items()
     }
     ratios = {
-        f"{a}/{b}": statistics.median(x / y for x, y in zip(per_round[a], per_round[b]))
+        f"{a}/{b}": paired_ratio(per_round[a], per_round[b])
         for a in per_round
         for b in per_round
         if a != b
@@ -172,7 +159,7 @@ def main(argv=None) -> dict:
     _check(args)
     torch.set_num_threads(args.threads)
     runs = contenders(args)
-    per_round = rounds(runs, args.rounds)
+    per_round = interleaved_rounds(runs, args.rounds)
     version = None
     if LLAMACPP in runs:
         from .llamacpp import available

@@ -35,6 +35,7 @@ from ..ops import cpu
 from ..pruning import PruneConfig, prune
 from ..pruning.report import PeakMemory
 from ..serve import generate
+from ..serve.timing import interleaved_rounds, paired_ratio
 from ..text_table import format_table
 from .demo_defaults import DEMO_DEFAULTS, DEMO_DEFAULTS_SOURCE
 from .options import check_format, resolve_device, resolve_dtype
@@ -78,31 +79,18 @@ DECODE_ROUNDS = 5  # interleaved decode rounds timing the dense and packed model
 
 def decode_rounds(contenders: dict, tokenizer, new_tokens: int, rounds: int) -> dict:
     """Decode tokens/s of each contender ``name -> (model, native_dense)`` in ``rounds``
-    interleaved rounds (each contender once per round, the order rotating by one; one
-    untimed warm-up each, which compiles its step): ``name -> [tok/s per round]``.  On a
-    shared machine whose speed drifts over minutes, one decode of each, minutes apart, can
-    reverse the order of two models; rounds side by side do not."""
-    names = list(contenders)
+    interleaved rounds (`owl_sparse.serve.timing.interleaved_rounds`): ``name -> [tok/s per
+    round]``.  On a shared machine whose speed drifts over minutes, one decode of each,
+    minutes apart, can reverse the order of two models; rounds side by side do not."""
 
-    def once(name):
-        model, native = contenders[name]
-        gen = generate(model, tokenizer, PROMPT, max_new_tokens=new_tokens, native_dense=native)
-        return gen.decode_tokens_per_s
+    def once(model, native):
+        return lambda: (
+            generate(
+                model, tokenizer, PROMPT, max_new_tokens=new_tokens, native_dense=native
+            ).decode_tokens_per_s
+        )
 
-    for name in names:
-        once(name)
-    out = {name: [] for name in names}
-    for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            out[name].append(float(once(name)))
-    return out
-
-
-def paired_ratio(a: list[float], b: list[float]) -> float:
-    """Median over rounds of a[i] / b[i] (nan when a rate is 0)."""
-    ratios = [x / y for x, y in zip(a, b) if y]
-    return statistics.median(ratios) if ratios else float("nan")
+    return interleaved_rounds({n: once(m, nd) for n, (m, nd) in contenders.items()}, rounds)
 
 
 def pick_dtype(name: str | None, device: torch.device) -> tuple[torch.dtype | None, str]:

@@ -426,7 +426,7 @@ def test_decode_rounds_interleaves_and_pairs_the_ratios(tmp_path):
 
         return run
 
-    per_round = decode_rounds.rounds({"a": contender("a"), "b": contender("b")}, 3)
+    per_round = decode_rounds.interleaved_rounds({"a": contender("a"), "b": contender("b")}, 3)
     # one warm-up each, then every round both contenders, the order rotated per round
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert per_round == {"a": [10.0, 30.0, 40.0], "b": [10.0, 10.0, 40.0]}
