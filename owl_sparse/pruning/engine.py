@@ -150,6 +150,12 @@ def prune(
                 "(calibration + held_out)"
             )
         check_calibration(model, held_out)
+        if NEEDS[config.method] and held_out.shape[1] != calibration.shape[1]:
+            raise InputError(
+                f"held_out windows are {held_out.shape[1]} tokens long but the calibration "
+                f"windows {calibration.shape[1]}: the chosen setting is pruned again on both "
+                "together, so they must match"
+            )
     was_training = model.training
     model.eval()
     dense_needed = config.allocation != "uniform"

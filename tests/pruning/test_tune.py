@@ -139,6 +139,8 @@ def test_held_out_rules():
         )
     with pytest.raises(InputError, match="at least 2"):
         prune(model, cal[:1], PruneConfig(allocation="tuned", sparsity=0.5))
+    with pytest.raises(InputError, match="tokens long"):
+        prune(model, cal, PruneConfig(allocation="tuned", sparsity=0.5), held_out=cal[:, :6])
     bad = torch.full((2, 8), 10_000)
     with pytest.raises(InputError):
         prune(model, cal, PruneConfig(allocation="tuned", sparsity=0.5), held_out=bad)
