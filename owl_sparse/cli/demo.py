@@ -236,7 +236,8 @@ def run_demo(args: DemoConfig) -> dict:
     print(swapped)
     packed_ppl = perplexity(model, windows, progress=progress).perplexity
     packed_served = serve()
-    record(f"packed ({args.format}, SparseLinear)", achieved, packed_ppl, packed_served)
+    packed_name = f"packed ({args.format}, SparseLinear)"
+    record(packed_name, achieved, packed_ppl, packed_served)
 
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="owl-sparse-demo-"))
     save_pretrained(
@@ -253,15 +254,10 @@ def run_demo(args: DemoConfig) -> dict:
     )
 
     del reloaded
-    packed_name = f"packed ({args.format}, SparseLinear)"
-    contenders = {packed_name: (model, None), "dense": (None, None)}
-    if torch_served is not None:
-        contenders[TORCH_DENSE] = (None, False)
     dense_model, _ = load_model(args.model, dtype=dtype, device=device)
-    contenders = {
-        name: (m if m is not None else dense_model, native)
-        for name, (m, native) in contenders.items()
-    }
+    contenders = {packed_name: (model, None), "dense": (dense_model, None)}
+    if torch_served is not None:
+        contenders[TORCH_DENSE] = (dense_model, False)
     rounds = decode_rounds(contenders, tokenizer, args.max_new_tokens, DECODE_ROUNDS)
     del dense_model
     for name, tok_s in rounds.items():
