@@ -267,8 +267,15 @@ def _in_module(source) -> bool:
 # (`model_state`: shapes, strides, dtypes, devices), the step's own inputs and the KV cache by
 # dynamo's guards, and the custom ops' outputs have the shapes and strides of their fake
 # implementations (tests/ops/test_library.py holds every CPU backend to them; tests/serve
-# compare compiled and eager steps token for token).
-COMPILE_OPTIONS = {"guard_filter_fn": _skip_module_guards, "size_asserts": False}
+# compare compiled and eager steps token for token).  cpp_wrapper: inductor writes the step's
+# wrapper (buffer allocation, kernel calls, custom-op calls through the dispatcher) in C++
+# instead of Python; on the dev CPU, SmolLM2-135M packed at 70% bf16 decoded ~6% faster in
+# interleaved A/B rounds (median of 8 per-round ratios 1.064; cold compile 44 s against 51 s).
+COMPILE_OPTIONS = {
+    "guard_filter_fn": _skip_module_guards,
+    "size_asserts": False,
+    "cpp_wrapper": True,
+}
 
 
 def compile_options() -> dict:
@@ -355,12 +362,16 @@ class DecodeStep:
 
     def _compiled_forward(self) -> torch.Tensor:
         global _compile_failed
+        args = (self.model, self.tokens, self.positions, self.mask, self.cache, self.kwargs)
         try:
-            limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            with torch._dynamo.config.patch(recompile_limit=limit):
-                logits = self.step_fn(
-                    self.model, self.tokens, self.positions, self.mask, self.cache, self.kwargs
-                )
+            if self.compiled:
+                # Later steps pass the very tensors of the first with the same shapes: they
+                # never compile, and patching dynamo's config costs ~0.1-0.2 ms a step.
+                logits = self.step_fn(*args)
+            else:
+                limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+                with torch._dynamo.config.patch(recompile_limit=limit):
+                    logits = self.step_fn(*args)
         except Exception as e:  # a step that failed to compile wrote nothing: run it eagerly
             self.want_compile = False
             self.compile_error = _compile_failed = f"{type(e).__name__}: {e}".split("\n")[0]
