@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -278,6 +279,24 @@ COMPILE_OPTIONS = {
 }
 
 
+def _later_steps():
+    """The context of every compiled decode step after a `DecodeStep`'s first: dynamo runs
+    only the guards that differ between the step function's graphs
+    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``; torch >= 2.6), a no-op
+    where torch lacks it."""
+    if _SKIP_GUARD_EVAL:
+        return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+    return contextlib.nullcontext()
+
+
+def _has_skip_guard_eval() -> bool:
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance is not None and "skip_guard_eval_unsafe" in inspect.signature(stance).parameters
+
+
+_SKIP_GUARD_EVAL = _has_skip_guard_eval()
+
+
 def compile_options() -> dict:
     """A fresh copy of `COMPILE_OPTIONS` for one `torch.compile` call: torch.compile pops
     ``guard_filter_fn`` out of the dict it is given, so a shared dict would compile every
@@ -365,9 +384,13 @@ class DecodeStep:
         args = (self.model, self.tokens, self.positions, self.mask, self.cache, self.kwargs)
         try:
             if self.compiled:
-                # Later steps pass the very tensors of the first with the same shapes: they
-                # never compile, and patching dynamo's config costs ~0.1-0.2 ms a step.
-                logits = self.step_fn(*args)
+                # Later steps pass the very tensors of the first, with the same shapes, under
+                # the same global state: the first step's guards (all of them, evaluated or
+                # compiled anew) chose the graph, so later steps evaluate only the guards
+                # that tell this step's graphs apart (~5% more tok/s packed 70% bf16 on the
+                # dev CPU, interleaved A/B), and skip patching dynamo's config (0.1-0.2 ms).
+                with _later_steps():
+                    logits = self.step_fn(*args)
             else:
                 limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
                 with torch._dynamo.config.patch(recompile_limit=limit):

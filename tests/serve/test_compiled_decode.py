@@ -183,3 +183,32 @@ def test_decode_attention_restored_after_an_error():
             assert model.config._attn_implementation == "eager"
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_later_steps_pick_the_right_graph_among_several(monkeypatch):
+    """Steps after a DecodeStep's first skip all guards but those telling the step
+    function's graphs apart: with graphs for two batch sizes and two cache lengths compiled,
+    calls that alternate between them still make the eager loop's tokens, and every later
+    step ran under the skipping stance."""
+    entered = []
+    real = kv_cache._later_steps
+    monkeypatch.setattr(kv_cache, "_later_steps", lambda: entered.append(1) or real())
+    model = tiny_model("llama", seed=9)
+    calls = [
+        (PROMPTS, 5),
+        ([[4, 5, 6]], 9),
+        (PROMPTS, 5),
+        ([[4, 5, 6]], 30),  # another cache length
+        ([[4, 5, 6]], 9),
+        (PROMPTS, 30),
+    ]
+    for prompts, new in calls:
+        entered.clear()
+        eager = generate_ids(
+            model, prompts, max_new_tokens=new, stop_at_eos=False, compile_step=False
+        )
+        compiled = generate_ids(
+            model, prompts, max_new_tokens=new, stop_at_eos=False, compile_step=True
+        )
+        assert compiled.compiled and compiled.token_ids == eager.token_ids, (len(prompts), new)
+        assert len(entered) == new - 2  # steps 2 .. new-1 (step 1 runs every guard)
