@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEMO_DEFAULTS["max_new_tokens"],
         help="tokens generated per sample",
     )
+    _add_repetition_penalty(p, DEMO_DEFAULTS["repetition_penalty"])
     p.add_argument("--out", default=None, help="where to save the packed checkpoint")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    _add_repetition_penalty(p, 1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
@@ -355,6 +357,17 @@ def cmd_info(args) -> dict:
     return {"info": info}
 
 
+def _add_repetition_penalty(p, default: float) -> None:
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=default,
+        help="transformers' repetition penalty: the logit of every token already in the "
+        f"sequence is divided by it where positive, multiplied where negative (1 = off; "
+        f"default {default})",
+    )
+
+
 def cmd_demo(args) -> dict:
     from .demo import DemoConfig, run_demo
 
@@ -390,6 +403,7 @@ def cmd_generate(args) -> dict:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         batch_size=args.batch_size,
         stop_at_eos=not args.ignore_eos,
@@ -403,7 +417,11 @@ def cmd_generate(args) -> dict:
         f"tokens/s (batch {result.batch_size}, CUDA graph: {result.cuda_graph})",
         file=sys.stderr if args.json else sys.stdout,
     )
-    return {"prompts": prompts, "generation": result.to_dict()}
+    return {
+        "prompts": prompts,
+        "repetition_penalty": args.repetition_penalty,
+        "generation": result.to_dict(),
+    }
 
 
 def cmd_prune(args) -> dict:
@@ -560,7 +578,8 @@ JSON_KEYS = {
     "perplexity": "{perplexity, windows, seqlen, tokens, mean_nll[, seconds]} (eval, prune)",
     "prune": "the pruning report: config, blocks, layers, times, memory (prune, demo)",
     "generation": "texts, token ids, prefill and decode timings (generate)",
-    "prompts": "the prompts as run (generate)",
+    "prompts": "the prompts as run (generate, demo)",
+    "repetition_penalty": "the repetition penalty decoding used (generate, demo)",
     "info": "the model's structure and packed layers (info)",
     "out": "the checkpoint written (prune --out, demo --out)",
     "dtype": "the dtype the model ran in (demo)",

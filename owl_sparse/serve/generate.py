@@ -36,7 +36,7 @@ from .kv_cache import (
     prefill_inputs,
     text_config,
 )
-from .sampling import check_ids, check_sampling, sample_next
+from .sampling import check_ids, check_penalty, check_sampling, penalize, sample_next, seen_tokens
 
 # On CUDA the host checks for "every row finished" only every this many steps, so it
 # does not wait for the device after each token (the surplus tokens are dropped).
@@ -107,6 +107,7 @@ def generate(
     batch_size: int | None = None,
     stop_at_eos: bool = True,
     eos_token_id: int | list[int] | None = None,
+    repetition_penalty: float = 1.0,
     cuda_graphs: bool | None = None,
     compile_step: bool | None = None,
     native_dense: bool | None = None,
@@ -122,6 +123,11 @@ def generate(
         batch_size: prompts per forward pass (default: all at once).
         stop_at_eos: stop a row at its first EOS token (the tokenizer's, else the model's).
         eos_token_id: override the EOS token(s).
+        repetition_penalty: transformers' repetition penalty (1.0 = off): before each
+            pick, the logit of every token already in the row (prompt or generated) is
+            divided by it where positive and multiplied where negative
+            (`owl_sparse.serve.sampling.penalize`); greedy picks then match transformers'
+            ``generate(do_sample=False, repetition_penalty=...)``.
         cuda_graphs: replay the decode step from a CUDA graph (default: True on CUDA).
         compile_step: where no CUDA graph is used (the CPU), run the decode step through
             ``torch.compile`` (default: ``OWL_SPARSE_COMPILE_DECODE``, on). The first
@@ -163,6 +169,7 @@ def generate(
         stop_at_eos=stop_at_eos,
         eos_token_id=_eos_ids(model, tokenizer, eos_token_id),
         pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        repetition_penalty=repetition_penalty,
         cuda_graphs=cuda_graphs,
         compile_step=compile_step,
         native_dense=native_dense,
@@ -183,6 +190,7 @@ def generate_ids(
     stop_at_eos: bool = True,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
+    repetition_penalty: float = 1.0,
     cuda_graphs: bool | None = None,
     compile_step: bool | None = None,
     native_dense: bool | None = None,
@@ -198,6 +206,7 @@ def generate_ids(
     max_new_tokens, temperature, top_k, top_p, batch_size, seed = check_sampling(
         max_new_tokens, temperature, top_k, top_p, batch_size, seed
     )
+    repetition_penalty = check_penalty(repetition_penalty)
     vocab = text_config(model).vocab_size
     seqs = check_ids(seqs, vocab)
     longest = max(len(s) for s in seqs)
@@ -257,6 +266,7 @@ def generate_ids(
                 use_graph,
                 compile_step,
                 lambda x: sample_next(x, temperature, top_k, top_p, generator),
+                repetition_penalty,
             )
         out.token_ids += part["token_ids"]
         out.prefill_s += part["prefill_s"]
@@ -280,7 +290,17 @@ def _sync(device) -> None:
 
 @torch.inference_mode()  # no_grad would still run every custom op's autograd wrapper
 def _generate_batch(
-    model, seqs, max_new_tokens, device, dtype, pad_id, eos, use_graph, compile_step, pick
+    model,
+    seqs,
+    max_new_tokens,
+    device,
+    dtype,
+    pad_id,
+    eos,
+    use_graph,
+    compile_step,
+    pick,
+    penalty=1.0,
 ) -> dict:
     """One left-padded batch: prefill, then decode step by step (see module doc)."""
     ids, lengths = left_pad(seqs, pad_id)
@@ -301,6 +321,15 @@ def _generate_batch(
         **{cache_kwarg(model): cache},
         **kwargs,
     ).logits[:, -1, :]
+    if penalty != 1.0:  # every pick sees the logits penalized for the row's tokens so far
+        seen = seen_tokens(ids.to(device), lengths, logits.shape[-1])
+        choose = pick
+
+        def pick(x):
+            token = choose(penalize(x, seen, penalty))
+            seen[torch.arange(token.shape[0], device=token.device), token] = True
+            return token
+
     token = pick(logits)
     _sync(device)
     prefill_s = time.perf_counter() - t0

@@ -66,6 +66,38 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return rows.argmax(dim=-1)
 
 
+def check_penalty(repetition_penalty) -> float:
+    """``repetition_penalty`` as a Python float: finite and > 0 (1.0 = off); raises
+    InputError."""
+    rule = "a finite number > 0 (1 = off)"
+    penalty = as_real("repetition_penalty", repetition_penalty, rule)
+    if not math.isfinite(penalty) or penalty <= 0:
+        raise InputError(f"repetition_penalty must be {rule}, got {penalty}")
+    return penalty
+
+
+def seen_tokens(ids: torch.Tensor, lengths: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bool ``[B, vocab]``: True where a token occurs in a row's prompt.  ``ids`` int64
+    ``[B, W]`` left-padded (row ``b``'s prompt is its last ``lengths[b]`` entries; the
+    padding in front is not counted)."""
+    b, width = ids.shape
+    seen = torch.zeros((b, vocab), dtype=torch.bool, device=ids.device)
+    real = torch.arange(width, device=ids.device) >= (width - lengths.to(ids.device)).view(b, 1)
+    rows = torch.arange(b, device=ids.device).view(b, 1).expand(b, width)
+    seen[rows[real], ids[real]] = True
+    return seen
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty (CTRL, Keskar et al. 2019): the logit of every token
+    already seen in the row (``seen`` bool ``[B, V]``) is divided by ``penalty`` where
+    positive and multiplied where negative, in fp32.  ``logits`` ``[B, V]`` any float
+    dtype; returns fp32 ``[B, V]`` (the logits themselves are not changed)."""
+    scores = logits.float()
+    hit = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, hit, scores)
+
+
 def sampling_settings(temperature, top_k, top_p) -> tuple[float, int | None, float | None]:
     """Checked (temperature, top_k, top_p) as Python numbers; raises InputError."""
     rule = "a finite number >= 0 (0 = greedy)"

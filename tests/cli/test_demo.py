@@ -52,12 +52,13 @@ def test_demo_decode_rounds_rotate_and_pair(monkeypatch):
         def __init__(self, rate):
             self.rate = rate
 
-    def fake_generate(model, tokenizer, prompt, max_new_tokens, native_dense):
+    def fake_generate(model, tokenizer, prompt, max_new_tokens, repetition_penalty, native_dense):
+        assert repetition_penalty == 1.3
         order.append(model.rate)
         return type("G", (), {"decode_tokens_per_s": model.rate * (1 + len(order) / 100)})()
 
     monkeypatch.setattr(demo, "generate", fake_generate)
-    got = demo.decode_rounds({"a": (Fake(1.0), None), "b": (Fake(2.0), None)}, None, 4, 3)
+    got = demo.decode_rounds({"a": (Fake(1.0), None), "b": (Fake(2.0), None)}, None, 4, 3, 1.3)
     assert order == [1.0, 2.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0]  # warm-ups, then rotated rounds
     assert len(got["a"]) == len(got["b"]) == 3
     assert 1.9 < demo.paired_ratio(got["b"], got["a"]) < 2.1

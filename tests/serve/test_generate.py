@@ -36,6 +36,49 @@ def test_greedy_batched_equals_naive_loop(family):
     assert result.token_ids == [naive_greedy(model, p, 10) for p in PROMPTS]
 
 
+@torch.no_grad()
+def naive_penalized(model, ids: list[int], n: int, penalty: float) -> list[int]:
+    """Full forward per token, transformers' repetition penalty written out in fp64."""
+    ids = list(ids)
+    for _ in range(n):
+        scores = model(torch.tensor([ids]), use_cache=False).logits[0, -1].double()
+        for t in set(ids):
+            scores[t] = scores[t] * penalty if scores[t] < 0 else scores[t] / penalty
+        ids.append(int(scores.argmax()))
+    return ids[-n:]
+
+
+@pytest.mark.parametrize("penalty", [1.5, 0.7])
+def test_repetition_penalty_equals_naive_loop(penalty):
+    """Batched and left-padded (the padding is not a seen token), compiled step, prompt
+    tokens and generated ones both penalized; 0.7 favours repeats."""
+    model = tiny_model("llama", seed=11).double()
+    result = generate_ids(
+        model, PROMPTS, max_new_tokens=10, stop_at_eos=False, repetition_penalty=penalty
+    )
+    plain = generate_ids(model, PROMPTS, max_new_tokens=10, stop_at_eos=False)
+    assert result.token_ids == [naive_penalized(model, p, 10, penalty) for p in PROMPTS]
+    assert result.token_ids != plain.token_ids
+
+
+def test_repetition_penalty_matches_transformers_generate():
+    model = tiny_model("llama", seed=12)
+    prompt = [7, 3, 9, 3, 11, 5]
+    ours = generate_ids(
+        model, [prompt], max_new_tokens=12, stop_at_eos=False, repetition_penalty=1.3
+    ).token_ids[0]
+    ref = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=12,
+        min_new_tokens=12,
+        do_sample=False,
+        repetition_penalty=1.3,
+        eos_token_id=None,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()
+    assert ours == ref
+
+
 def test_batched_equals_unbatched_and_chunked(llama64):
     together = generate_ids(llama64, PROMPTS, max_new_tokens=8, stop_at_eos=False)
     alone = [generate_ids(llama64, [p], 8, stop_at_eos=False).token_ids[0] for p in PROMPTS]
@@ -136,6 +179,11 @@ def test_sparsified_model_serves_through_the_same_loop():
         (dict(top_k=0), "top_k must be"),
         (dict(max_new_tokens=250), "beyond the model's context of 256"),
         (dict(batch_size=0), "batch_size must be"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+        (dict(repetition_penalty=-1.2), "repetition_penalty must be"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty must be"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty must be"),
+        (dict(repetition_penalty=True), "repetition_penalty must be a"),
     ],
 )
 def test_bad_settings_fail_before_work(llama64, kwargs, message):
