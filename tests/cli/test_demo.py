@@ -62,3 +62,33 @@ def test_demo_decode_rounds_rotate_and_pair(monkeypatch):
     assert order == [1.0, 2.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0]  # warm-ups, then rotated rounds
     assert len(got["a"]) == len(got["b"]) == 3
     assert 1.9 < demo.paired_ratio(got["b"], got["a"]) < 2.1
+
+
+def test_demo_calibrates_offline_on_prose_it_does_not_evaluate_on(monkeypatch):
+    """Without shared data the demo evaluates on the start of Python's documentation prose
+    and calibrates on the rest (never on the evaluation windows); an explicit text or "self"
+    wins."""
+    import dataclasses
+
+    from factories import _word_tokenizer
+
+    from owl_sparse.cli import demo
+
+    # ids 30..99, each once ("w2" is the tokenizer's EOS and would split "w20".."w29")
+    words = " ".join(f"w{i}" for i in range(30, 100))
+    monkeypatch.setattr(demo, "load_text", lambda spec: words if spec == "pydoc" else "")
+    offline = dataclasses.replace(demo.settings.get(), data_dir=None)
+    monkeypatch.setattr(demo.settings, "get", lambda: offline)
+    tok = _word_tokenizer()
+    args = demo.DemoConfig(calib_samples=16, calib_seqlen=8)
+    used = 30  # the evaluation read ids 30..59
+    ids, where = demo.pick_calibration(None, tok, args, "pydoc", used)
+    assert ids.shape == (16, 8) and "after the 30 tokens evaluated on" in where
+    assert ids.min() >= 60 and ids.max() <= 99
+    whole, where = demo.pick_calibration(None, tok, args, "wikitext2", used)
+    assert "evaluated on" not in where and whole.shape == (16, 8) and whole.min() < 60
+    sampled = []
+    monkeypatch.setattr(demo, "sample_from_model", lambda *a: sampled.append(a) or ids)
+    self_args = demo.DemoConfig(calib_samples=16, calib_seqlen=8, calib_text="self")
+    assert demo.pick_calibration("m", tok, self_args, "pydoc", used)[1].endswith("from the model")
+    assert sampled
