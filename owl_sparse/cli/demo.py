@@ -53,7 +53,8 @@ class DemoConfig:
 
     ``eval_text`` / ``calib_text``: None picks WikiText-2 from the shared data when present,
     else Python's own prose (calibration: the part not evaluated on; ``calib_text="self"``
-    samples from the model instead); ``device``: None means cuda when available; ``dtype``: None picks `pick_dtype`'s.
+    samples from the model instead); ``device``: None means cuda when available;
+    ``dtype``: None picks `pick_dtype`'s.
     """
 
     model: str = "smollm2-135m"

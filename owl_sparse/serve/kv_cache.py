@@ -337,8 +337,10 @@ class DecodeStep:
     With ``compile_step=True`` (and no graph) the forward pass runs through
     ``torch.compile`` (inductor): the first step pays the compilation (cached for the
     process per model, model state (`model_state`) and shapes, and on disk by inductor), later
-    steps run without Python module overhead or guard checks on the model's modules.  When compiling fails the step runs eagerly, ``compile_error``
-    says why and one warning is logged; later steps in the process do not try again.
+    steps run without Python module overhead, through inductor's C++ wrapper, and with only
+    the guards that tell the step's graphs apart (see `COMPILE_OPTIONS`, `_later_steps`).
+    When compiling fails the step runs eagerly, ``compile_error`` says why and one warning
+    is logged; later steps in the process do not try again.
     """
 
     def __init__(
