@@ -15,6 +15,8 @@
 //   owl_sparse_cpu::unpack_bitmap(bitmap, values, tile_offsets, int n, int k) -> Tensor
 //   owl_sparse_cpu::unpack_sparse24(values, meta) -> Tensor
 //   owl_sparse_cpu::set_poison(bool on) -> ()    tests: outputs start as NaN
+//   owl_sparse_cpu::backend_calls() -> int[]     kernel / gemm calls so far for bitmap, 2:4
+//                                                and dense (six counters, in that order)
 //   owl_sparse_cpu::read_bandwidth(Tensor t, int repeats) -> float   GB/s reading t
 //
 // Formats: "bitmap", "2:4" and "dense" (an nn.Linear weight as it is).  Backends: "kernel"
@@ -35,9 +37,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "../torch_check.h"
@@ -55,6 +59,13 @@ std::atomic<int> g_forced_isa{-1};
 std::atomic<bool> g_poison{false};  // tests: fill outputs with NaN before the kernels write
 constexpr int kFormats = 3;  // bitmap, 2:4, dense
 std::atomic<int> g_forced_backend[kFormats] = {{-1}, {-1}, {-1}};  // -1 table, 0 kernel, 1 gemm
+// Calls per (format, backend) since the library loaded: which backend really ran.
+std::atomic<int64_t> g_backend_calls[kFormats][2] = {{{0}, {0}}, {{0}, {0}}, {{0}, {0}}};
+
+int counted(int fmt, int backend) {
+  g_backend_calls[fmt][backend].fetch_add(1, std::memory_order_relaxed);
+  return backend;
+}
 
 Isa active_isa() {
   static const Isa detected = owl_cpu::detect_isa();
@@ -99,6 +110,8 @@ struct Entry {
 std::mutex g_table_mutex;
 std::shared_ptr<const std::vector<Entry>> g_table = std::make_shared<std::vector<Entry>>();
 
+std::atomic<uint64_t> g_table_version{0};  // bumped by every set_table
+
 std::shared_ptr<const std::vector<Entry>> table() {
   std::lock_guard<std::mutex> lock(g_table_mutex);
   return g_table;
@@ -127,7 +140,8 @@ struct Choice {
   std::string why;
 };
 
-// `explain`: also say why (the `choose` op); the kernels' own calls skip formatting it.
+// `explain`: also say why (the `choose` op); the kernels' own calls skip formatting it
+// and take `choose_fast`.
 Choice choose_backend(int fmt, const char* dtype, int64_t n, int64_t k, int64_t tokens,
                       double sparsity, bool explain = false) {
   const int forced = g_forced_backend[fmt].load(std::memory_order_relaxed);
@@ -162,6 +176,43 @@ Choice choose_backend(int fmt, const char* dtype, int64_t n, int64_t k, int64_t 
   return {kernel ? 0 : 1, rule + (kernel ? "kernel up to 16 tokens" : "dense panels beyond 16 tokens")};
 }
 
+// The backend of a kernel call: choose_backend's answer, remembered per calling thread
+// for each (format, dtype, shape, token bucket, sparsity) until the table changes (a decode
+// step asks the same ~200 questions every token; scanning the table took ~0.3 us a call).
+int choose_fast(int fmt, at::ScalarType dtype, int64_t n, int64_t k, int64_t tokens,
+                double sparsity) {
+  const int forced = g_forced_backend[fmt].load(std::memory_order_relaxed);
+  if (forced >= 0) return forced;
+  struct Key {
+    int fmt;
+    at::ScalarType dtype;
+    int64_t n, k, bucket;
+    double sparsity;
+    bool operator==(const Key& o) const {
+      return fmt == o.fmt && dtype == o.dtype && n == o.n && k == o.k && bucket == o.bucket &&
+             sparsity == o.sparsity;
+    }
+  };
+  struct Hash {
+    size_t operator()(const Key& key) const {
+      size_t h = std::hash<double>()(key.sparsity);
+      for (int64_t v : {int64_t(key.fmt), int64_t(key.dtype), key.n, key.k, key.bucket})
+        h = h * 1000003u ^ std::hash<int64_t>()(v);
+      return h;
+    }
+  };
+  thread_local std::unordered_map<Key, int, Hash> cache;
+  thread_local uint64_t version = ~uint64_t(0);
+  const uint64_t now = g_table_version.load(std::memory_order_acquire);
+  if (version != now || cache.size() > 4096) cache.clear(), version = now;
+  const Key key{fmt, dtype, n, k, token_bucket(tokens), sparsity};
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  const int backend = choose_backend(fmt, dtype_name(dtype), n, k, tokens, sparsity).backend;
+  cache.emplace(key, backend);
+  return backend;
+}
+
 // ------------------------------------------------------------------ checks
 
 void check_x(const at::Tensor& x, const at::Tensor& values, int64_t n, int64_t k,
@@ -175,7 +226,7 @@ void check_x(const at::Tensor& x, const at::Tensor& values, int64_t n, int64_t k
 }
 
 void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                  std::vector<int64_t> shape) {
+                  std::initializer_list<int64_t> shape) {
   OWL_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   OWL_CHECK_VALUE(t.scalar_type() == dtype, name, " must have dtype ", dtype_name(dtype),
                   ", got ", dtype_name(t.scalar_type()));
@@ -258,21 +309,48 @@ void over_rows(int64_t rows, int64_t unit, const Run& run, const char* fmt) {
   if (!ok.load()) fail_corrupt(fmt);
 }
 
-// Sparse: <= 16 tokens per pass over the packed bytes.
+// x [..., K] as rows of K elements: the first row, the row count, the row stride in
+// elements.  A contiguous x is read in place (no tensor is made: a decode step calls the
+// kernels ~200 times a token); otherwise `held` is x reshaped to 2-D (a copy where its rows
+// are not evenly strided or not contiguous).
+struct XRows {
+  const char* data;
+  int64_t rows, stride, elem;
+  at::ScalarType dtype;
+  at::Tensor held;
+};
+
+XRows rows_of(const at::Tensor& x, int64_t k) {
+  if (x.is_contiguous())
+    return {static_cast<const char*>(x.data_ptr()), x.numel() / k, k, int64_t(x.element_size()),
+            x.scalar_type(), at::Tensor()};
+  at::Tensor x2d = x.reshape({-1, k});
+  if (x2d.stride(1) != 1) x2d = x2d.contiguous();
+  return {static_cast<const char*>(x2d.data_ptr()), x2d.size(0), x2d.stride(0),
+          int64_t(x2d.element_size()), x2d.scalar_type(), x2d};
+}
+
+// x as a 2-D tensor (the GEMM backend's operand).
+at::Tensor as_2d(const XRows& x, const at::Tensor& orig) {
+  if (x.held.defined()) return x.held;
+  return orig.view({x.rows, x.stride});
+}
+
+// Sparse: <= 16 tokens per pass over the packed bytes; y [rows, N] contiguous.
 template <class View, class Kernel>
-void run_sparse(const View& w, int64_t unit, const at::Tensor& x2d, const at::Tensor& bias,
+void run_sparse(const View& w, int64_t unit, const XRows& x, const at::Tensor& bias,
                 at::Tensor& y, const char* fmt, const Kernel& kernel) {
   const Isa isa = active_isa();
-  const auto dtype = kernel_dtype(x2d.scalar_type());
-  const int64_t ld = w.padded_k(), tokens = x2d.size(0);
+  const auto dtype = kernel_dtype(x.dtype);
+  const int64_t ld = w.padded_k(), tokens = x.rows;
   thread_local std::vector<uint8_t> acts;  // the caller's; workers only read it
   for (int64_t t0 = 0; t0 < tokens; t0 += owl_cpu::kMaxTokens) {
     const int t = int(std::min<int64_t>(owl_cpu::kMaxTokens, tokens - t0));
     acts.resize(owl_cpu::activation_bytes(isa, dtype, t, ld));
-    const auto* xp = static_cast<const char*>(x2d.data_ptr()) + t0 * x2d.stride(0) * x2d.element_size();
+    const char* xp = x.data + t0 * x.stride * x.elem;
     const owl_cpu::Activations a = owl_cpu::prepare_activations(
-        isa, dtype, xp, t, w.k, x2d.stride(0), acts.data(), ld);
-    char* yp = static_cast<char*>(y.data_ptr()) + t0 * w.n * y.element_size();
+        isa, dtype, xp, t, w.k, x.stride, acts.data(), ld);
+    char* yp = static_cast<char*>(y.data_ptr()) + t0 * w.n * x.elem;
     const void* bp = bias.defined() ? bias.data_ptr() : nullptr;
     over_rows(w.n, unit, [&](int64_t r0, int64_t r1) {
       return kernel(isa, dtype, w, a, bp, yp, r0, r1);
@@ -328,17 +406,13 @@ void run_dense(const View& w, const at::Tensor& x2d, const at::Tensor& bias, at:
 }
 
 at::Tensor output_for(const at::Tensor& x, int64_t n) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  c10::SmallVector<int64_t, 6> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
   at::Tensor y = at::empty(shape, x.options());
   if (g_poison.load(std::memory_order_relaxed)) y.fill_(std::nan(""));
   return y;
 }
 
-at::Tensor as_rows(const at::Tensor& x, int64_t k) {
-  at::Tensor x2d = x.reshape({-1, k});
-  return x2d.stride(1) == 1 ? x2d : x2d.contiguous();
-}
 
 // ------------------------------------------------------------------ the ops
 at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& values,
@@ -348,13 +422,11 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& bitmap, const at
   check_x(x, values, n, k, "bitmap");
   const at::Tensor b = checked_bias(bias, values, n);
   at::Tensor y = output_for(x, n);
-  const at::Tensor x2d = as_rows(x, k);
-  at::Tensor y2d = y.view({-1, n});
-  const int64_t tokens = x2d.size(0);
-  if (tokens == 0) return y;
+  const XRows xr = rows_of(x, k);
+  if (xr.rows == 0) return y;
   const double sparsity = 1.0 - double(w.nnz()) / (double(n) * double(k));
-  if (choose_backend(0, dtype_name(x.scalar_type()), n, k, tokens, sparsity).backend == 0) {
-    run_sparse(w, 16, x2d, b, y2d, "bitmap",
+  if (counted(0, choose_fast(0, xr.dtype, n, k, xr.rows, sparsity)) == 0) {
+    run_sparse(w, 16, xr, b, y, "bitmap",
                [](Isa isa, owl_cpu::DType d, const owl_cpu::BitmapView& v,
                   const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
                  thread_local std::vector<int32_t> scratch;
@@ -362,7 +434,8 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& bitmap, const at
                  return owl_cpu::bitmap_linear(isa, d, v, a, bp, yp, v.n, r0, r1, scratch.data());
                });
   } else {
-    run_dense(w, x2d, b, y2d, "bitmap", owl_cpu::bitmap_unpack);
+    at::Tensor y2d = y.view({-1, n});
+    run_dense(w, as_2d(xr, x), b, y2d, "bitmap", owl_cpu::bitmap_unpack);
   }
   return y;
 }
@@ -373,18 +446,17 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
   check_x(x, values, w.n, w.k, "2:4");
   const at::Tensor b = checked_bias(bias, values, w.n);
   at::Tensor y = output_for(x, w.n);
-  const at::Tensor x2d = as_rows(x, w.k);
-  at::Tensor y2d = y.view({-1, w.n});
-  const int64_t tokens = x2d.size(0);
-  if (tokens == 0) return y;
-  if (choose_backend(1, dtype_name(x.scalar_type()), w.n, w.k, tokens, 0.5).backend == 0) {
-    run_sparse(w, 16, x2d, b, y2d, "2:4",
+  const XRows xr = rows_of(x, w.k);
+  if (xr.rows == 0) return y;
+  if (counted(1, choose_fast(1, xr.dtype, w.n, w.k, xr.rows, 0.5)) == 0) {
+    run_sparse(w, 16, xr, b, y, "2:4",
                [](Isa isa, owl_cpu::DType d, const owl_cpu::Sparse24View& v,
                   const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
                  return owl_cpu::sparse24_linear(isa, d, v, a, bp, yp, v.n, r0, r1);
                });
   } else {
-    run_dense(w, x2d, b, y2d, "2:4", owl_cpu::sparse24_unpack);
+    at::Tensor y2d = y.view({-1, w.n});
+    run_dense(w, as_2d(xr, x), b, y2d, "2:4", owl_cpu::sparse24_unpack);
   }
   return y;
 }
@@ -405,18 +477,16 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight,
   const owl_cpu::DenseView w = dense_view(wc);
   check_x(x, wc, w.n, w.k, "dense");
   const at::Tensor b = checked_bias(bias, wc, w.n);
-  const at::Tensor x2d = as_rows(x, w.k);
-  const int64_t tokens = x2d.size(0);
-  if (tokens == 0) return output_for(x, w.n);
-  if (choose_backend(2, dtype_name(x.scalar_type()), w.n, w.k, tokens, 0.0).backend == 1) {
+  const XRows xr = rows_of(x, w.k);
+  if (xr.rows == 0) return output_for(x, w.n);
+  if (counted(2, choose_fast(2, xr.dtype, w.n, w.k, xr.rows, 0.0)) == 1) {
     // Contiguous, as the fake implementation says (the compiled decode step does not check
     // its ops' output strides at run time).
     return at::linear(x, wc, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt)
         .contiguous();
   }
   at::Tensor y = output_for(x, w.n);
-  at::Tensor y2d = y.view({-1, w.n});
-  run_sparse(w, 16, x2d, b, y2d, "dense",
+  run_sparse(w, 16, xr, b, y, "dense",
              [](Isa isa, owl_cpu::DType d, const owl_cpu::DenseView& v,
                 const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
                return owl_cpu::dense_linear(isa, d, v, a, bp, yp, v.n, r0, r1);
@@ -481,6 +551,13 @@ void set_isa(const std::string& name) {
 
 void set_poison(bool on) { g_poison.store(on); }
 
+std::vector<int64_t> backend_calls() {
+  std::vector<int64_t> out;
+  for (auto& fmt : g_backend_calls)
+    for (auto& c : fmt) out.push_back(c.load(std::memory_order_relaxed));
+  return out;
+}
+
 // Read bandwidth of this machine: GB/s of summing `t` (any dtype, contiguous) with torch's
 // threads, 8 independent 64-bit accumulators per thread (what a streaming kernel can get).
 double read_bandwidth(const at::Tensor& t, int64_t repeats) {
@@ -525,6 +602,7 @@ void set_table(const std::vector<std::string>& fmt, const std::vector<std::strin
   }
   std::lock_guard<std::mutex> lock(g_table_mutex);
   g_table = std::move(entries);
+  g_table_version.fetch_add(1, std::memory_order_release);
 }
 
 std::vector<std::string> choose(const std::string& fmt, const std::string& dtype, int64_t n,
@@ -548,6 +626,7 @@ TORCH_LIBRARY(owl_sparse_cpu, m) {
         &unpack_bitmap);
   m.def("unpack_sparse24(Tensor values, Tensor meta) -> Tensor", &unpack_sparse24);
   m.def("set_poison(bool on) -> ()", &set_poison);
+  m.def("backend_calls() -> int[]", &backend_calls);
   m.def("read_bandwidth(Tensor t, int repeats) -> float", &read_bandwidth);
 }
 

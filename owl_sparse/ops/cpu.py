@@ -228,6 +228,22 @@ def choose(fmt: str, dtype: torch.dtype, n: int, k: int, tokens: int, sparsity: 
     return backend, why
 
 
+def backend_calls() -> dict[tuple[str, str], int]:
+    """How many CPU kernel calls each (format, backend) ran since the library loaded, e.g.
+    ``{("bitmap", "cpu_sparse"): 420, ("bitmap", "dense"): 2, ...}`` (formats "bitmap",
+    "2:4", "dense"; backend names as :func:`choose` gives them); empty when the compiled
+    kernels are unavailable."""
+    if not available():
+        return {}
+    counts = list(torch.ops.owl_sparse_cpu.backend_calls())
+    out = {}
+    for i, fmt in enumerate((*_FORMATS, "dense")):
+        names = {v: k for k, v in _backends_of(fmt).items()}
+        out[(fmt, names["kernel"])] = counts[2 * i]
+        out[(fmt, names["gemm"])] = counts[2 * i + 1]
+    return out
+
+
 def push_table() -> None:
     """Load the measured entries of this CPU's instruction set into the library."""
     entries = table_entries(device_key())

@@ -193,11 +193,27 @@ def test_dispatch_rules_table_and_forcing(tmp_path, monkeypatch):
         # a shape within 2x borrows the measurement; one further away does not
         assert cpu.choose("bitmap", torch.bfloat16, 128, 256, 1, 0.6)[0] == "dense"
         assert cpu.choose("bitmap", torch.bfloat16, 512, 256, 1, 0.6)[0] == "cpu_sparse"
+        # the kernel calls follow the table (each call's choice is remembered until the
+        # table changes: a stale answer here would run the kernel)
+        assert ran_backend(p, one) == "dense"
     finally:
         monkeypatch.delenv("OWL_SPARSE_DISPATCH_TABLES")
         settings.reload()
         dispatch.reload_tables()
         cpu.push_table()
+    assert ran_backend(p, one) == "cpu_sparse"
+    with dispatch.force_backend("bitmap", "dense"):
+        assert ran_backend(p, one) == "dense"
+    assert ran_backend(p, one) == "cpu_sparse"
+
+
+def ran_backend(p, x) -> str:
+    """The one backend a call of the bitmap op on x ran (from the library's counters)."""
+    before = cpu.backend_calls()
+    torch.ops.owl_sparse.bitmap_linear(x, p.bitmap, p.values, p.tile_offsets, None, p.N, p.K)
+    ran = [key for key, n in cpu.backend_calls().items() if n != before[key]]
+    assert len(ran) == 1 and ran[0][0] == "bitmap", ran
+    return ran[0][1]
 
 
 def test_no_dense_copy_is_kept_on_the_cpu():
