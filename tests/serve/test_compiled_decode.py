@@ -186,13 +186,21 @@ def test_decode_attention_restored_after_an_error():
 
 
 def test_later_steps_pick_the_right_graph_among_several(monkeypatch):
-    """Steps after a DecodeStep's first skip all guards but those telling the step
-    function's graphs apart: with graphs for two batch sizes and two cache lengths compiled,
-    calls that alternate between them still make the eager loop's tokens, and every later
-    step ran under the skipping stance."""
-    entered = []
+    """A DecodeStep's second step skips all guards but those telling the step function's
+    graphs apart, and steps from the third on call the graph the first two ran directly:
+    with graphs for two batch sizes and two cache lengths compiled, calls that alternate
+    between them still make the eager loop's tokens, the second step ran under the
+    skipping stance and every later one directly."""
+    entered, direct = [], []
     real = kv_cache._later_steps
     monkeypatch.setattr(kv_cache, "_later_steps", lambda: entered.append(1) or real())
+    forward = kv_cache.DecodeStep._compiled_forward
+
+    def counted(self):
+        direct.append(self.direct is not None)
+        return forward(self)
+
+    monkeypatch.setattr(kv_cache.DecodeStep, "_compiled_forward", counted)
     model = tiny_model("llama", seed=9)
     calls = [
         (PROMPTS, 5),
@@ -204,6 +212,7 @@ def test_later_steps_pick_the_right_graph_among_several(monkeypatch):
     ]
     for prompts, new in calls:
         entered.clear()
+        direct.clear()
         eager = generate_ids(
             model, prompts, max_new_tokens=new, stop_at_eos=False, compile_step=False
         )
@@ -211,4 +220,85 @@ def test_later_steps_pick_the_right_graph_among_several(monkeypatch):
             model, prompts, max_new_tokens=new, stop_at_eos=False, compile_step=True
         )
         assert compiled.compiled and compiled.token_ids == eager.token_ids, (len(prompts), new)
-        assert len(entered) == new - 2  # steps 2 .. new-1 (step 1 runs every guard)
+        # steps 1 .. new-1: step 1 runs every guard, step 2 only the differing ones
+        assert len(entered) == 1 and direct == [False, False] + [True] * (new - 3)
+
+
+def test_no_direct_calls_when_a_step_runs_more_than_one_graph(monkeypatch):
+    """A graph break (here a hook on the LM head) splits the step into two graphs with
+    Python in between: every step keeps going through dynamo, with all its guards, and the
+    tokens stay the eager ones."""
+    model = tiny_model("llama", seed=10)
+    model.lm_head.register_forward_pre_hook(lambda mod, args: torch._dynamo.graph_break())
+    direct = []
+    forward = kv_cache.DecodeStep._compiled_forward
+
+    def counted(self):
+        direct.append(self.direct is not None)
+        return forward(self)
+
+    monkeypatch.setattr(kv_cache.DecodeStep, "_compiled_forward", counted)
+    run = dict(max_new_tokens=6, stop_at_eos=False)
+    eager = generate_ids(model, PROMPTS, compile_step=False, **run)
+    compiled = generate_ids(model, PROMPTS, compile_step=True, **run)
+    assert compiled.compiled and compiled.token_ids == eager.token_ids
+    assert direct == [False] * 5
+
+
+def _call(graph, inputs, outputs):
+    return kv_cache._GraphCall(graph, tuple(inputs), tuple(outputs))
+
+
+def test_direct_calls_need_the_same_graph_inputs_and_output_twice():
+    """`DecodeStep._note` turns direct calls on only when the first two steps ran one and
+    the same graph, on the very same input tensors, and returned the same output of it."""
+
+    def graph(*args):
+        return args
+
+    a, b, c, logits = (torch.zeros(1) for _ in range(4))
+    cases = {
+        "same": ([_call(graph, [a, b], [c, logits])], [_call(graph, [a, b], [c, logits])], 1),
+        "other inputs": (
+            [_call(graph, [a, b], [c, logits])],
+            [_call(graph, [a, c], [c, logits])],
+            None,
+        ),
+        "other graph": (
+            [_call(graph, [a, b], [logits])],
+            [_call(lambda *x: x, [a, b], [logits])],
+            None,
+        ),
+        "two graphs": ([_call(graph, [a], [a]), _call(graph, [b], [logits])], [], None),
+        "not an output": ([_call(graph, [a], [c])], [_call(graph, [a], [c])], None),
+    }
+    for name, (first, second, want) in cases.items():
+        step = object.__new__(kv_cache.DecodeStep)
+        step.direct, step._probe, step._recorded = None, None, 0
+        step._note(first, logits)
+        step._note(second, logits)
+        got = None if step.direct is None else step.direct[1]
+        assert got == want, name
+        if want is not None:
+            assert step.direct[0].inputs == (a, b) and step.direct[0].outputs == ()
+
+
+def test_a_compile_failure_after_part_of_a_step_ran_is_an_error(monkeypatch):
+    """With a graph break, the step's first graph runs (writing the cache slots of every
+    layer) before the second (the LM head) compiles: when that compile fails, rerunning the
+    step eagerly would write those slots twice, so generate stops with a clear error."""
+    monkeypatch.setattr(kv_cache, "_compile_failed", None)
+    real = kv_cache._recording_inductor
+    compiled = []
+
+    def second_fails(gm, example_inputs, **kw):
+        compiled.append(gm)
+        if len(compiled) == 2:
+            raise RuntimeError("no second graph today")
+        return real(gm, example_inputs, **kw)
+
+    monkeypatch.setattr(kv_cache, "_recording_inductor", second_fails)
+    model = tiny_model("llama", seed=11)
+    model.lm_head.register_forward_pre_hook(lambda mod, args: torch._dynamo.graph_break())
+    with pytest.raises(RuntimeError, match=r"failed after 1 of its graphs ran .*compile_step"):
+        generate_ids(model, PROMPTS, max_new_tokens=4, stop_at_eos=False, compile_step=True)
