@@ -177,7 +177,7 @@ Choice choose_backend(int fmt, const char* dtype, int64_t n, int64_t k, int64_t 
 }
 
 // The backend of a kernel call: choose_backend's answer, remembered per calling thread
-// for each (format, dtype, shape, token bucket, sparsity) until the table changes (a decode
+// for each (format, dtype, shape, token count, sparsity) until the table changes (a decode
 // step asks the same ~200 questions every token; scanning the table took ~0.3 us a call).
 int choose_fast(int fmt, at::ScalarType dtype, int64_t n, int64_t k, int64_t tokens,
                 double sparsity) {
@@ -186,17 +186,17 @@ int choose_fast(int fmt, at::ScalarType dtype, int64_t n, int64_t k, int64_t tok
   struct Key {
     int fmt;
     at::ScalarType dtype;
-    int64_t n, k, bucket;
+    int64_t n, k, tokens;
     double sparsity;
     bool operator==(const Key& o) const {
-      return fmt == o.fmt && dtype == o.dtype && n == o.n && k == o.k && bucket == o.bucket &&
+      return fmt == o.fmt && dtype == o.dtype && n == o.n && k == o.k && tokens == o.tokens &&
              sparsity == o.sparsity;
     }
   };
   struct Hash {
     size_t operator()(const Key& key) const {
       size_t h = std::hash<double>()(key.sparsity);
-      for (int64_t v : {int64_t(key.fmt), int64_t(key.dtype), key.n, key.k, key.bucket})
+      for (int64_t v : {int64_t(key.fmt), int64_t(key.dtype), key.n, key.k, key.tokens})
         h = h * 1000003u ^ std::hash<int64_t>()(v);
       return h;
     }
@@ -205,7 +205,7 @@ int choose_fast(int fmt, at::ScalarType dtype, int64_t n, int64_t k, int64_t tok
   thread_local uint64_t version = ~uint64_t(0);
   const uint64_t now = g_table_version.load(std::memory_order_acquire);
   if (version != now || cache.size() > 4096) cache.clear(), version = now;
-  const Key key{fmt, dtype, n, k, token_bucket(tokens), sparsity};
+  const Key key{fmt, dtype, n, k, tokens, sparsity};
   const auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   const int backend = choose_backend(fmt, dtype_name(dtype), n, k, tokens, sparsity).backend;
