@@ -6,9 +6,10 @@
 //   kMaxAcc    accumulators its register file holds
 //   zero(), sum(acc)                 a fresh accumulator; its lanes added up
 //   decode(m, p)                     the 32 weights of mask m from the values at p,
-//                                    p += popcount(m); may read up to 16 values past p's
-//                                    last one (the bitmap format pads 16 values)
-//   decode_exact(m, p)               the same, never reading past them (2:4 rows)
+//                                    p += popcount(m); may read any of the kDecodeReach
+//                                    values from p on, however few it uses
+//   decode_exact(m, p)               the same, never reading past the popcount(m) values
+//                                    it uses (2:4 rows; a weight's last values)
 //   load(p)                          the 32 weights p[0:32] of a dense row (no mask)
 //   fma(acc, w, x)                   acc += w . x[0:32]
 //
@@ -31,6 +32,9 @@ constexpr int64_t kChunkBytes = 16384; // activations of the column tiles a row 
 // weight streamed once per call then leaves the caches to the model's other data; +2% a
 // decode step of SmolLM2-135M's tied LM head, interleaved A/B).
 constexpr int64_t kDensePrefetchBytes = 2048;
+// The values a decode(m, p) may read from p on (a 32-column word's worth): the loops call
+// decode_exact where fewer are left before the weight's end.
+constexpr int64_t kDecodeReach = 32;
 
 // Rows [row0, row0 + R) of one 16-row bitmap strip, T tokens, column tiles [ct0, ct1).
 // cur[ct]: where the strip's first unvisited row starts in column tile ct (values go row
@@ -68,8 +72,9 @@ bool bitmap_rows(const BitmapView& w, const typename Ops::XT* x, int64_t strip, 
     }
     const uint32_t* words = bm + ct * 4;
     const typename Ops::XT* xc = x + ct * 4 * T * 32;  // 4 words of T tokens
-    // R rows of a tile hold at most R * 128 values: only near the end is a check needed.
-    const bool near_end = end - p < R * kTileK;
+    // R rows of a tile hold at most R * 128 values: only near the end is a check needed,
+    // and there each word decodes exactly (never reading past the last value).
+    const bool near_end = end - p < R * kTileK + kDecodeReach;
     for (int line = 0; line < 4; ++line) __builtin_prefetch(next_bitmap + ct * 64 + line * 16);
     // Row by row: each decoded word meets its T activation vectors (L1-resident: the
     // chunking below keeps them there), the R x T accumulators in registers.  (Word by
@@ -82,7 +87,7 @@ bool bitmap_rows(const BitmapView& w, const typename Ops::XT* x, int64_t strip, 
       for (int k = 0; k < 4; ++k) {
         const uint32_t m = words[i * wpr + k];
         if (near_end && p + __builtin_popcount(m) > end) return false;
-        const typename Ops::W e = Ops::decode(m, p);
+        const typename Ops::W e = near_end ? Ops::decode_exact(m, p) : Ops::decode(m, p);
 #pragma GCC unroll 16
         for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, xc + (k * T + t) * 32);
       }
@@ -313,7 +318,8 @@ bool bitmap_unpack(const BitmapView& w, int64_t row_begin, int64_t row_end, void
           const int64_t col = ct * kTileK + k * 32;
           const uint32_t m = bm[n * wpr + ct * 4 + k];
           if (p + __builtin_popcount(m) > end) return false;
-          const typename Ops::W e = Ops::decode(m, p);
+          const typename Ops::W e =
+              end - p < kDecodeReach ? Ops::decode_exact(m, p) : Ops::decode(m, p);
           if (n < row_end && col < w.k)
             Ops::store(e, out + (n - row_begin) * ldp + col, int(w.k - col < 32 ? w.k - col : 32));
         }

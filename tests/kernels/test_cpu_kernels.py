@@ -20,8 +20,20 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # max |error| / (|ref| + 1): one rounding of the output dominates for 16-bit dtypes.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # (N, K): one row, odd N, K not a multiple of 32 / 128, several strips and column tiles;
-# the last column tile holding 1, 2, 3 and 4 words of columns below K.
-SHAPES = [(1, 8), (5, 36), (17, 33), (20, 136), (33, 300), (48, 260), (16, 200), (18, 256)]
+# the last column tile holding 1, 2, 3 and 4 words of columns below K; and one with many
+# strips, whose first strips' words decode with plain loads (the kernels read a word's 32
+# values at once wherever more than one tile's worth of values follows).
+SHAPES = [
+    (1, 8),
+    (5, 36),
+    (17, 33),
+    (20, 136),
+    (33, 300),
+    (48, 260),
+    (16, 200),
+    (18, 256),
+    (70, 420),
+]
 TOKENS = [1, 2, 3, 5, 9, 16, 17, 40]
 
 
