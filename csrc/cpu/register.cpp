@@ -30,6 +30,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -634,6 +635,52 @@ TORCH_LIBRARY_IMPL(owl_sparse, CPU, m) {
   m.impl("bitmap_linear", &bitmap_linear);
   m.impl("sparse24_linear", &sparse24_linear);
   m.impl("dense_linear", &dense_linear);
+}
+
+// ------------------------------------------------------------------ C shims
+// The same three ops as plain C functions, for inductor's C++ wrapper to call directly
+// (torch._inductor.config.aot_inductor.custom_ops_to_c_shims): a compiled decode step then
+// skips the boxed dispatcher call (op lookup by name, argument boxing, tensor handles) on
+// each of its ~200 linear layers.  Named as inductor names a shim (aoti_torch_<device>_<op>);
+// CPU tensors only, as these functions are the CPU implementation (owl_sparse/ops/cpu.py
+// registers them for CPU graphs only).
+#define OWL_SHIM extern "C" __attribute__((visibility("default"))) AOTITorchError
+
+namespace {
+const at::Tensor& tensor_of(AtenTensorHandle h) {
+  return *torch::aot_inductor::tensor_handle_to_tensor_pointer(h);
+}
+c10::optional<at::Tensor> optional_of(const AtenTensorHandle* h) {
+  return h ? c10::optional<at::Tensor>(tensor_of(*h)) : c10::nullopt;
+}
+}  // namespace
+
+OWL_SHIM aoti_torch_cpu_bitmap_linear(AtenTensorHandle x, AtenTensorHandle bitmap,
+                                      AtenTensorHandle values, AtenTensorHandle tile_offsets,
+                                      AtenTensorHandle* bias, int64_t n, int64_t k,
+                                      AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *ret0 = torch::aot_inductor::new_tensor_handle(bitmap_linear(
+        tensor_of(x), tensor_of(bitmap), tensor_of(values), tensor_of(tile_offsets),
+        optional_of(bias), n, k));
+  });
+}
+
+OWL_SHIM aoti_torch_cpu_sparse24_linear(AtenTensorHandle x, AtenTensorHandle values,
+                                        AtenTensorHandle meta, AtenTensorHandle* bias,
+                                        AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *ret0 = torch::aot_inductor::new_tensor_handle(
+        sparse24_linear(tensor_of(x), tensor_of(values), tensor_of(meta), optional_of(bias)));
+  });
+}
+
+OWL_SHIM aoti_torch_cpu_dense_linear(AtenTensorHandle x, AtenTensorHandle weight,
+                                     AtenTensorHandle* bias, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *ret0 = torch::aot_inductor::new_tensor_handle(
+        dense_linear(tensor_of(x), tensor_of(weight), optional_of(bias)));
+  });
 }
 
 // `import owl_sparse._cpu` (the setup.py build) loads this library, which registers the ops

@@ -29,8 +29,10 @@ neither works the ops run the Python reference, and the reason is logged once.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -62,6 +64,22 @@ _state: dict = {
     "ok": False,
     "how": None,
     "error": None,
+    "path": None,  # the loaded library's file
+    "shims": None,  # c_shims(): None until asked, then the dict (empty if unusable)
+}
+
+# The ops' C shims (csrc/cpu/register.cpp), as inductor's C++ wrapper declares and calls
+# them: tensors as AtenTensorHandle, an optional one as a pointer (nullptr for None), the
+# result through the last argument.
+_C_SHIMS = {
+    "bitmap_linear": "AOTITorchError aoti_torch_cpu_bitmap_linear(AtenTensorHandle x, "
+    "AtenTensorHandle bitmap, AtenTensorHandle values, AtenTensorHandle tile_offsets, "
+    "AtenTensorHandle* bias, int64_t n, int64_t k, AtenTensorHandle* ret0)",
+    "sparse24_linear": "AOTITorchError aoti_torch_cpu_sparse24_linear(AtenTensorHandle x, "
+    "AtenTensorHandle values, AtenTensorHandle meta, AtenTensorHandle* bias, "
+    "AtenTensorHandle* ret0)",
+    "dense_linear": "AOTITorchError aoti_torch_cpu_dense_linear(AtenTensorHandle x, "
+    "AtenTensorHandle weight, AtenTensorHandle* bias, AtenTensorHandle* ret0)",
 }
 
 
@@ -69,7 +87,8 @@ def _has_ops() -> bool:
     return hasattr(torch.ops, "owl_sparse_cpu") and hasattr(torch.ops.owl_sparse_cpu, "isa")
 
 
-def _jit_build() -> None:
+def _jit_build() -> str:
+    """Build and load csrc/cpu with ninja; the library's path."""
     from torch.utils.cpp_extension import load as cpp_load
 
     sources = sorted(str(p) for p in CSRC.glob("*.cpp"))
@@ -79,7 +98,7 @@ def _jit_build() -> None:
         "owl-sparse: building the CPU kernels with ninja (first use only; cached in "
         "TORCH_EXTENSIONS_DIR)"
     )
-    cpp_load(
+    return cpp_load(
         name="owl_sparse_cpu_jit",
         sources=sources,
         extra_include_paths=[str(CSRC.parent)],
@@ -103,7 +122,7 @@ def load(jit: bool = True) -> bool:
             if not _has_ops() and not _state["tried_prebuilt"] and not settings.get().force_jit:
                 _state["tried_prebuilt"] = True
                 try:
-                    importlib.import_module("owl_sparse._cpu")
+                    _state["path"] = importlib.import_module("owl_sparse._cpu").__file__
                     _state["how"] = "prebuilt owl_sparse._cpu"
                 except ImportError as exc:
                     _state["error"] = f"owl_sparse._cpu not built ({exc})"
@@ -113,7 +132,7 @@ def load(jit: bool = True) -> bool:
                     raise RuntimeError(
                         f"{_state['error']}, and OWL_SPARSE_NO_JIT=1 forbids a JIT build"
                     )
-                _jit_build()
+                _state["path"] = _jit_build()
                 _state["how"] = "jit"
             if _has_ops():
                 _state["ok"] = True
@@ -128,6 +147,35 @@ def load(jit: bool = True) -> bool:
                 _state["error"],
             )
     return _state["ok"]
+
+
+def c_shims() -> dict:
+    """``{op overload: [C declaration]}`` for inductor's
+    ``aot_inductor.custom_ops_to_c_shims`` option: with it, a compiled CPU graph written by
+    the C++ wrapper (``cpp_wrapper``) calls the ops' C functions directly instead of through
+    the boxed dispatcher (SmolLM2-135M packed 70%, bf16 decode: +3%, 8 interleaved rounds).
+
+    The loaded library's symbols are made global (``dlopen`` with ``RTLD_GLOBAL``) so the
+    graph's own library finds them. Empty, with one logged line, where that fails or the
+    kernels are not loaded: the graphs then call the ops through the dispatcher. The
+    functions are the CPU implementation: give the option to CPU graphs only.
+    """
+    with _lock:
+        if _state["shims"] is None:
+            _state["shims"] = {}
+            if load() and _state["path"]:
+                try:
+                    ctypes.CDLL(_state["path"], mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+                    lib = torch.ops.owl_sparse
+                    _state["shims"] = {
+                        getattr(lib, op).default: [decl] for op, decl in _C_SHIMS.items()
+                    }
+                except OSError as exc:
+                    log.warning(
+                        "owl-sparse: compiled graphs call the CPU ops through the dispatcher (%s)",
+                        exc,
+                    )
+        return dict(_state["shims"])
 
 
 def available() -> bool:

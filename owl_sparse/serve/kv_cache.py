@@ -32,6 +32,7 @@ import torch
 from .. import settings
 from ..errors import InputError
 from ..models.structure import cache_kwarg
+from ..ops import cpu as cpu_ops
 
 log = logging.getLogger(__name__)
 
@@ -310,11 +311,17 @@ def _has_skip_guard_eval() -> bool:
 _SKIP_GUARD_EVAL = _has_skip_guard_eval()
 
 
-def compile_options() -> dict:
-    """A fresh copy of `COMPILE_OPTIONS` for one `torch.compile` call: torch.compile pops
+def compile_options(device: torch.device | None = None) -> dict:
+    """A fresh copy of `COMPILE_OPTIONS` for one `torch.compile` call (torch.compile pops
     ``guard_filter_fn`` out of the dict it is given, so a shared dict would compile every
-    step after the first with all of the model's guards."""
-    return dict(COMPILE_OPTIONS)
+    step after the first with all of the model's guards), plus, for a CPU model with the
+    C++ wrapper on, the CPU ops' C shims (`owl_sparse.ops.cpu.c_shims`)."""
+    options = dict(COMPILE_OPTIONS)
+    if device is not None and device.type == "cpu" and options.get("cpp_wrapper"):
+        shims = cpu_ops.c_shims()
+        if shims:
+            options["aot_inductor.custom_ops_to_c_shims"] = shims
+    return options
 
 
 class _GraphCall(typing.NamedTuple):
@@ -357,8 +364,9 @@ def _compiled(model):
         fn = types.FunctionType(code, _decode_forward.__globals__, code.co_name)
         # dynamic=False: one graph per (batch, cache length); the step's inputs keep their
         # shapes from step to step, so no step recompiles.
+        device = next(itertools.chain(model.parameters(), model.buffers())).device
         steps[state] = torch.compile(
-            fn, dynamic=False, backend=_recording_inductor, options=compile_options()
+            fn, dynamic=False, backend=_recording_inductor, options=compile_options(device)
         )
     return steps[state]
 

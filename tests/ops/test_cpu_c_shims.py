@@ -1,0 +1,90 @@
+"""The CPU ops' C shims (csrc/cpu/register.cpp): a compiled CPU graph written by inductor's
+C++ wrapper calls them directly instead of through the dispatcher, with the same results."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_cpp_code
+
+from owl_sparse.formats.bitmap import BitmapWeight
+from owl_sparse.formats.sparse24 import Sparse24Weight
+from owl_sparse.ops import cpu
+from owl_sparse.serve import kv_cache
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels are not built")
+
+SHIM_OPTION = "aot_inductor.custom_ops_to_c_shims"
+
+
+def test_every_op_has_a_shim_its_graphs_can_resolve():
+    shims = cpu.c_shims()
+    assert {op.name() for op in shims} == {
+        "owl_sparse::bitmap_linear",
+        "owl_sparse::sparse24_linear",
+        "owl_sparse::dense_linear",
+    }
+    everywhere = ctypes.CDLL(None)  # the global scope a graph's library resolves against
+    for op, (decl,) in shims.items():
+        name = decl.split("(")[0].split()[-1]
+        assert name == f"aoti_torch_cpu_{op.name().split('::')[1]}"
+        assert getattr(everywhere, name)
+
+
+def test_compile_options_give_the_shims_to_cpu_graphs_only(monkeypatch):
+    assert SHIM_OPTION in kv_cache.compile_options(torch.device("cpu"))
+    assert SHIM_OPTION not in kv_cache.compile_options(torch.device("cuda"))
+    assert SHIM_OPTION not in kv_cache.compile_options()
+    monkeypatch.setitem(kv_cache.COMPILE_OPTIONS, "cpp_wrapper", False)  # a Python wrapper
+    assert SHIM_OPTION not in kv_cache.compile_options(torch.device("cpu"))
+
+
+def _layer(fmt, gen):
+    n, k = 40, 200
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen).bfloat16()
+    if fmt == "bitmap":
+        p = BitmapWeight.from_dense(w, torch.rand(n, k, generator=gen) > 0.7)
+        return (
+            k,
+            "bitmap_linear",
+            lambda x: torch.ops.owl_sparse.bitmap_linear(
+                x, p.bitmap, p.values, p.tile_offsets, bias, n, k
+            ),
+        )
+    if fmt == "2:4":
+        keep = torch.rand(n, k // 4, 4, generator=gen).argsort(-1)[..., :2]
+        mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True)
+        p = Sparse24Weight.from_dense(w, mask.view(n, k))
+        return (
+            k,
+            "sparse24_linear",
+            lambda x: torch.ops.owl_sparse.sparse24_linear(x, p.values, p.meta, None),
+        )
+    return k, "dense_linear", lambda x: torch.ops.owl_sparse.dense_linear(x, w, bias)
+
+
+@pytest.mark.parametrize("fmt, tokens", [("bitmap", 1), ("2:4", 3), ("dense", 2)])
+def test_a_compiled_graph_calls_the_shim_and_gets_the_ops_answer(fmt, tokens):
+    gen = torch.Generator().manual_seed(len(fmt) + tokens)
+    k, op, layer = _layer(fmt, gen)
+
+    def f(x):
+        return torch.relu(layer(x)) * 2
+
+    compiled = torch.compile(
+        f,
+        dynamic=False,
+        fullgraph=True,
+        options=kv_cache.compile_options(torch.device("cpu")),
+    )
+    x = torch.randn(tokens, k, generator=gen).bfloat16()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        got, code = run_and_get_cpp_code(compiled, x)
+    assert f"aoti_torch_cpu_{op}(" in code
+    assert f'"owl_sparse::{op}"' not in code  # not through the dispatcher
+    assert torch.equal(got, f(x))
+    x2 = torch.randn(tokens, k, generator=gen).bfloat16()
+    assert torch.equal(compiled(x2), f(x2))
