@@ -30,6 +30,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
@@ -641,7 +642,8 @@ TORCH_LIBRARY_IMPL(owl_sparse, CPU, m) {
 // The same three ops as plain C functions, for inductor's C++ wrapper to call directly
 // (torch._inductor.config.aot_inductor.custom_ops_to_c_shims): a compiled decode step then
 // skips the boxed dispatcher call (op lookup by name, argument boxing, tensor handles) on
-// each of its ~200 linear layers.  Named as inductor names a shim (aoti_torch_<device>_<op>);
+// each of its ~200 linear layers.  Each records itself for torch.profiler under the op's
+// name, as the dispatcher would (benchmarks time the linear layers by it).  Named as inductor names a shim (aoti_torch_<device>_<op>);
 // CPU tensors only, as these functions are the CPU implementation (owl_sparse/ops/cpu.py
 // registers them for CPU graphs only).
 #define OWL_SHIM extern "C" __attribute__((visibility("default"))) AOTITorchError
@@ -660,6 +662,7 @@ OWL_SHIM aoti_torch_cpu_bitmap_linear(AtenTensorHandle x, AtenTensorHandle bitma
                                       AtenTensorHandle* bias, int64_t n, int64_t k,
                                       AtenTensorHandle* ret0) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    RECORD_FUNCTION("owl_sparse::bitmap_linear", c10::ArrayRef<const c10::IValue>());
     *ret0 = torch::aot_inductor::new_tensor_handle(bitmap_linear(
         tensor_of(x), tensor_of(bitmap), tensor_of(values), tensor_of(tile_offsets),
         optional_of(bias), n, k));
@@ -670,6 +673,7 @@ OWL_SHIM aoti_torch_cpu_sparse24_linear(AtenTensorHandle x, AtenTensorHandle val
                                         AtenTensorHandle meta, AtenTensorHandle* bias,
                                         AtenTensorHandle* ret0) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    RECORD_FUNCTION("owl_sparse::sparse24_linear", c10::ArrayRef<const c10::IValue>());
     *ret0 = torch::aot_inductor::new_tensor_handle(
         sparse24_linear(tensor_of(x), tensor_of(values), tensor_of(meta), optional_of(bias)));
   });
@@ -678,6 +682,7 @@ OWL_SHIM aoti_torch_cpu_sparse24_linear(AtenTensorHandle x, AtenTensorHandle val
 OWL_SHIM aoti_torch_cpu_dense_linear(AtenTensorHandle x, AtenTensorHandle weight,
                                      AtenTensorHandle* bias, AtenTensorHandle* ret0) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    RECORD_FUNCTION("owl_sparse::dense_linear", c10::ArrayRef<const c10::IValue>());
     *ret0 = torch::aot_inductor::new_tensor_handle(
         dense_linear(tensor_of(x), tensor_of(weight), optional_of(bias)));
   });
