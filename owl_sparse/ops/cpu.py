@@ -65,8 +65,9 @@ _state: dict = {
     "how": None,
     "error": None,
     "path": None,  # the loaded library's file
-    "shims": None,  # c_shims(): None until asked, then the dict (empty if unusable)
+    "c_shims": None,  # c_shims(): None until asked, then the ops' names (empty if unusable)
 }
+_shims: dict = {}  # c_shims()'s answer
 
 # The ops' C shims (csrc/cpu/register.cpp), as inductor's C++ wrapper declares and calls
 # them: tensors as AtenTensorHandle, an optional one as a pointer (nullptr for None), the
@@ -161,21 +162,20 @@ def c_shims() -> dict:
     functions are the CPU implementation: give the option to CPU graphs only.
     """
     with _lock:
-        if _state["shims"] is None:
-            _state["shims"] = {}
+        if _state["c_shims"] is None:
+            _state["c_shims"] = []
             if load() and _state["path"]:
                 try:
                     ctypes.CDLL(_state["path"], mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
                     lib = torch.ops.owl_sparse
-                    _state["shims"] = {
-                        getattr(lib, op).default: [decl] for op, decl in _C_SHIMS.items()
-                    }
+                    _shims.update({getattr(lib, op).default: [d] for op, d in _C_SHIMS.items()})
+                    _state["c_shims"] = sorted(_C_SHIMS)
                 except OSError as exc:
                     log.warning(
                         "owl-sparse: compiled graphs call the CPU ops through the dispatcher (%s)",
                         exc,
                     )
-        return dict(_state["shims"])
+        return dict(_shims)
 
 
 def available() -> bool:
