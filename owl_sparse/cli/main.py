@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_repetition_penalty(p, DEMO_DEFAULTS["repetition_penalty"])
     p.add_argument("--out", default=None, help="where to save the packed checkpoint")
+    p.add_argument(
+        "--torch-baseline",
+        action="store_true",
+        help="also serve the dense model through torch's F.linear, the speed a user has "
+        "without owl-sparse (one more compiled decode step: about a minute more, cold)",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 

@@ -92,3 +92,16 @@ def test_demo_calibrates_offline_on_prose_it_does_not_evaluate_on(monkeypatch):
     self_args = demo.DemoConfig(calib_samples=16, calib_seqlen=8, calib_text="self")
     assert demo.pick_calibration("m", tok, self_args, "pydoc", used)[1].endswith("from the model")
     assert sampled
+
+
+def test_demo_serves_torch_f_linear_only_when_asked(monkeypatch):
+    """The torch F.linear row costs one more compiled decode step (about a minute cold, the
+    demo's time budget is 5 minutes with the install): it is opt-in."""
+    from owl_sparse.cli import main as cli
+
+    seen = []
+    monkeypatch.setattr("owl_sparse.cli.demo.run_demo", lambda config: seen.append(config) or {})
+    parser = cli.build_parser()
+    for argv, want in ((["demo"], False), (["demo", "--torch-baseline"], True)):
+        cli.cmd_demo(parser.parse_args(argv))
+        assert seen[-1].torch_baseline is want
