@@ -156,56 +156,72 @@ inline uint32_t meta24_word(const uint8_t* mr) {
          uint32_t(kTables.meta24[mr[2]]) << 16 | uint32_t(kTables.meta24[mr[3]]) << 24;
 }
 
-// 2:4 row n, all T tokens: the 16 values of each 32 columns are contiguous in the row, so
-// a row is read front to back, values and meta bytes each one sequential stream (rows one
-// after the other: R rows interleaved, 2R streams, ran at ~16 GB/s on 4096-wide rows, where
-// the hardware prefetchers lose track), A accumulators per token to hide the multiply's
-// latency.  The last 32 columns of a row may be partial (K % 32 != 0).
-// False when a group's two indices are not distinct (its mask then has fewer bits than the
-// two values it stores): such a weight is corrupt, and the result would be wrong.
-template <class Ops, int T>
-bool sp24_row(const Sparse24View& w, const typename Ops::XT* x, int64_t n, float* sums) {
+// One row's dot products with T tokens, the row read front to back as one stream:
+// word(c) gives the 32 decoded weights of whole word c (c < full), last() those of a
+// partial last word (when `partial`).  A accumulators per token (alternating words) hide
+// the multiply's latency.
+template <class Ops, int T, class Word, class Last>
+void stream_row(int64_t full, bool partial, const typename Ops::XT* x, const Word& word,
+                const Last& last, float* sums) {
   constexpr int A = T <= 4 ? 2 : 1;
   typename Ops::Acc acc[A][T];
   for (int a = 0; a < A; ++a)
     for (int t = 0; t < T; ++t) acc[a][t] = Ops::zero();
-  const int64_t k = w.k, mb = (k + 7) / 8, half = k / 2, full = k / 32;
-  const uint8_t* meta = w.meta + n * mb;
-  const auto* row = static_cast<const typename Ops::VT*>(w.values) + n * half;
-  uint32_t bits = 0;  // popcounts, summed: 16 a word unless a group is corrupt
   int64_t c = 0;
   for (; c + A <= full; c += A) {
 #pragma GCC unroll 2
     for (int a = 0; a < A; ++a) {
-      const uint32_t m = meta24_word(meta + (c + a) * 4);
-      bits += uint32_t(__builtin_popcount(m));
-      const typename Ops::VT* p = row + (c + a) * 16;  // not chained through popcounts
-      const typename Ops::W e = Ops::decode_exact(m, p);
+      const typename Ops::W e = word(c + a);
 #pragma GCC unroll 16
       for (int t = 0; t < T; ++t) Ops::fma(acc[a][t], e, x + ((c + a) * T + t) * 32);
     }
   }
   for (; c < full; ++c) {
-    const uint32_t m = meta24_word(meta + c * 4);
-    bits += uint32_t(__builtin_popcount(m));
-    const typename Ops::VT* p = row + c * 16;
-    const typename Ops::W e = Ops::decode_exact(m, p);
+    const typename Ops::W e = word(c);
     for (int t = 0; t < T; ++t) Ops::fma(acc[0][t], e, x + (c * T + t) * 32);
   }
-  bool ok = bits == uint32_t(full) * 16;
-  if (k % 32) {
-    const int cols = int(k - full * 32);
-    const uint32_t m = meta24_mask(meta, full * 32, cols);
-    ok &= __builtin_popcount(m) == cols / 2;
-    const typename Ops::VT* p = row + full * 16;
-    const typename Ops::W e = Ops::decode_exact(m, p);
+  if (partial) {
+    const typename Ops::W e = last();
     for (int t = 0; t < T; ++t) Ops::fma(acc[0][t], e, x + (full * T + t) * 32);
   }
   for (int t = 0; t < T; ++t) {
     sums[t] = Ops::sum(acc[0][t]);
     for (int a = 1; a < A; ++a) sums[t] += Ops::sum(acc[a][t]);
   }
-  return ok;
+}
+
+// 2:4 row n, all T tokens: the 16 values of each 32 columns are contiguous in the row, so
+// a row is read front to back, values and meta bytes each one sequential stream (rows one
+// after the other: R rows interleaved, 2R streams, ran at ~16 GB/s on 4096-wide rows, where
+// the hardware prefetchers lose track).  The last 32 columns of a row may be partial
+// (K % 32 != 0).  Each word's values are found from its index alone (row + 16c), not
+// chained through the popcounts before it.
+// False when a group's two indices are not distinct (its mask then has fewer bits than the
+// two values it stores): such a weight is corrupt, and the result would be wrong.
+template <class Ops, int T>
+bool sp24_row(const Sparse24View& w, const typename Ops::XT* x, int64_t n, float* sums) {
+  const int64_t k = w.k, mb = (k + 7) / 8, half = k / 2, full = k / 32;
+  const uint8_t* meta = w.meta + n * mb;
+  const auto* row = static_cast<const typename Ops::VT*>(w.values) + n * half;
+  uint32_t bits = 0;  // popcounts, summed: 16 a word unless a group is corrupt
+  bool ok = true;
+  stream_row<Ops, T>(
+      full, k % 32 != 0, x,
+      [&](int64_t c) {
+        const uint32_t m = meta24_word(meta + c * 4);
+        bits += uint32_t(__builtin_popcount(m));
+        const typename Ops::VT* p = row + c * 16;
+        return Ops::decode_exact(m, p);
+      },
+      [&] {
+        const int cols = int(k - full * 32);
+        const uint32_t m = meta24_mask(meta, full * 32, cols);
+        ok = __builtin_popcount(m) == cols / 2;
+        const typename Ops::VT* p = row + full * 16;
+        return Ops::decode_exact(m, p);
+      },
+      sums);
+  return ok && bits == uint32_t(full) * 16;
 }
 
 template <class Ops, int R, int T>
@@ -222,41 +238,24 @@ bool sp24_span(DType dtype, const Sparse24View& w, const Activations& x, const v
 
 // Dense row n, all T tokens.  Rows go one after the other, each read front to back (one
 // sequential stream, which the hardware prefetchers follow; R rows interleaved, as the
-// packed loops go, were measured slower on short rows), with A accumulators per token
-// (alternating words) to hide the multiply's latency.  The last 32 columns of a row may be
-// partial (K % 32 != 0), read exactly (no byte past the row's K-th value).
+// packed loops go, were measured slower on short rows).  The last 32 columns of a row may
+// be partial (K % 32 != 0), read exactly (no byte past the row's K-th value).
 template <class Ops, int T>
 void dense_row(const DenseView& w, const typename Ops::XT* x, int64_t n, float* sums) {
-  constexpr int A = T <= 4 ? 2 : 1;
-  typename Ops::Acc acc[A][T];
-  for (int a = 0; a < A; ++a)
-    for (int t = 0; t < T; ++t) acc[a][t] = Ops::zero();
   const int64_t full = w.k / 32;
   const auto* row = static_cast<const typename Ops::VT*>(w.values) + n * w.ld;
-  int64_t c = 0;
-  for (; c + A <= full; c += A) {
-#pragma GCC unroll 2
-    for (int a = 0; a < A; ++a) {
-      // A hint only: addresses past the weight's end are never read.
-      __builtin_prefetch(reinterpret_cast<const char*>(row + (c + a) * 32) + kDensePrefetchBytes, 0, 0);
-      const typename Ops::W e = Ops::load(row + (c + a) * 32);
-#pragma GCC unroll 16
-      for (int t = 0; t < T; ++t) Ops::fma(acc[a][t], e, x + ((c + a) * T + t) * 32);
-    }
-  }
-  for (; c < full; ++c) {
-    const typename Ops::W e = Ops::load(row + c * 32);
-    for (int t = 0; t < T; ++t) Ops::fma(acc[0][t], e, x + (c * T + t) * 32);
-  }
-  if (w.k % 32) {
-    const typename Ops::VT* p = row + full * 32;
-    const typename Ops::W e = Ops::decode_exact((1u << (w.k - full * 32)) - 1u, p);
-    for (int t = 0; t < T; ++t) Ops::fma(acc[0][t], e, x + (full * T + t) * 32);
-  }
-  for (int t = 0; t < T; ++t) {
-    sums[t] = Ops::sum(acc[0][t]);
-    for (int a = 1; a < A; ++a) sums[t] += Ops::sum(acc[a][t]);
-  }
+  stream_row<Ops, T>(
+      full, w.k % 32 != 0, x,
+      [&](int64_t c) {
+        // A hint only: addresses past the weight's end are never read.
+        __builtin_prefetch(reinterpret_cast<const char*>(row + c * 32) + kDensePrefetchBytes, 0, 0);
+        return Ops::load(row + c * 32);
+      },
+      [&] {
+        const typename Ops::VT* p = row + full * 32;
+        return Ops::decode_exact((1u << (w.k - full * 32)) - 1u, p);
+      },
+      sums);
 }
 
 template <class Ops, int R, int T>
