@@ -364,7 +364,8 @@ def _compiled(model):
         fn = types.FunctionType(code, _decode_forward.__globals__, code.co_name)
         # dynamic=False: one graph per (batch, cache length); the step's inputs keep their
         # shapes from step to step, so no step recompiles.
-        device = next(itertools.chain(model.parameters(), model.buffers())).device
+        first = next(itertools.chain(model.parameters(), model.buffers()), None)
+        device = first.device if first is not None else None  # no tensors: no shims
         steps[state] = torch.compile(
             fn, dynamic=False, backend=_recording_inductor, options=compile_options(device)
         )
