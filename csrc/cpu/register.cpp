@@ -338,28 +338,6 @@ at::Tensor as_2d(const XRows& x, const at::Tensor& orig) {
   return orig.view({x.rows, x.stride});
 }
 
-// Sparse: <= 16 tokens per pass over the packed bytes; y [rows, N] contiguous.
-template <class View, class Kernel>
-void run_sparse(const View& w, int64_t unit, const XRows& x, const at::Tensor& bias,
-                at::Tensor& y, const char* fmt, const Kernel& kernel) {
-  const Isa isa = active_isa();
-  const auto dtype = kernel_dtype(x.dtype);
-  const int64_t ld = w.padded_k(), tokens = x.rows;
-  thread_local std::vector<uint8_t> acts;  // the caller's; workers only read it
-  for (int64_t t0 = 0; t0 < tokens; t0 += owl_cpu::kMaxTokens) {
-    const int t = int(std::min<int64_t>(owl_cpu::kMaxTokens, tokens - t0));
-    acts.resize(owl_cpu::activation_bytes(isa, dtype, t, ld));
-    const char* xp = x.data + t0 * x.stride * x.elem;
-    const owl_cpu::Activations a = owl_cpu::prepare_activations(
-        isa, dtype, xp, t, w.k, x.stride, acts.data(), ld);
-    char* yp = static_cast<char*>(y.data_ptr()) + t0 * w.n * x.elem;
-    const void* bp = bias.defined() ? bias.data_ptr() : nullptr;
-    over_rows(w.n, unit, [&](int64_t r0, int64_t r1) {
-      return kernel(isa, dtype, w, a, bp, yp, r0, r1);
-    }, fmt);
-  }
-}
-
 // A grow-only, 64-byte aligned buffer (the dense backend's panel): allocated once per
 // calling thread, reused by every layer and every call.
 class Buffer {
@@ -380,6 +358,34 @@ class Buffer {
   std::unique_ptr<char, Free> data_;
   size_t size_ = 0;
 };
+
+// Sparse: passes of <= pass_tokens (<= kMaxTokens) tokens over the packed bytes, of about
+// equal size (12 tokens in passes of 8: 6 + 6); y [rows, N] contiguous.
+template <class View, class Kernel>
+void run_sparse(const View& w, int64_t unit, int pass_tokens, const XRows& x,
+                const at::Tensor& bias, at::Tensor& y, const char* fmt, const Kernel& kernel) {
+  const Isa isa = active_isa();
+  const auto dtype = kernel_dtype(x.dtype);
+  const int64_t ld = w.padded_k(), tokens = x.rows;
+  const int64_t passes = (tokens + pass_tokens - 1) / pass_tokens;
+  const int64_t per_pass = (tokens + passes - 1) / passes;
+  // The caller's; workers only read it.  64-byte aligned: the kernels read it in 64-byte
+  // vectors, and one split across two cache lines costs two loads (std::vector's storage
+  // starts 16 bytes into a page once it is large: 1.7x slower at 16 tokens).
+  thread_local Buffer acts;
+  for (int64_t t0 = 0; t0 < tokens; t0 += per_pass) {
+    const int t = int(std::min<int64_t>(per_pass, tokens - t0));
+    void* ws = acts.get(owl_cpu::activation_bytes(isa, dtype, t, ld));
+    const char* xp = x.data + t0 * x.stride * x.elem;
+    const owl_cpu::Activations a = owl_cpu::prepare_activations(
+        isa, dtype, xp, t, w.k, x.stride, ws, ld);
+    char* yp = static_cast<char*>(y.data_ptr()) + t0 * w.n * x.elem;
+    const void* bp = bias.defined() ? bias.data_ptr() : nullptr;
+    over_rows(w.n, unit, [&](int64_t r0, int64_t r1) {
+      return kernel(isa, dtype, w, a, bp, yp, r0, r1);
+    }, fmt);
+  }
+}
 
 // Dense: panel by panel, unpack the panel's rows (all threads), then one GEMM into y's
 // columns (torch's threads again): never more than one panel of dense weights exists.
@@ -428,7 +434,8 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& bitmap, const at
   if (xr.rows == 0) return y;
   const double sparsity = 1.0 - double(w.nnz()) / (double(n) * double(k));
   if (counted(0, choose_fast(0, xr.dtype, n, k, xr.rows, sparsity)) == 0) {
-    run_sparse(w, 16, xr, b, y, "bitmap",
+    run_sparse(w, 16, owl_cpu::bitmap_pass_tokens(active_isa(), kernel_dtype(xr.dtype)), xr, b,
+               y, "bitmap",
                [](Isa isa, owl_cpu::DType d, const owl_cpu::BitmapView& v,
                   const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
                  thread_local std::vector<int32_t> scratch;
@@ -451,7 +458,7 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
   const XRows xr = rows_of(x, w.k);
   if (xr.rows == 0) return y;
   if (counted(1, choose_fast(1, xr.dtype, w.n, w.k, xr.rows, 0.5)) == 0) {
-    run_sparse(w, 16, xr, b, y, "2:4",
+    run_sparse(w, 16, owl_cpu::kMaxTokens, xr, b, y, "2:4",
                [](Isa isa, owl_cpu::DType d, const owl_cpu::Sparse24View& v,
                   const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
                  return owl_cpu::sparse24_linear(isa, d, v, a, bp, yp, v.n, r0, r1);
@@ -488,7 +495,7 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight,
         .contiguous();
   }
   at::Tensor y = output_for(x, w.n);
-  run_sparse(w, 16, xr, b, y, "dense",
+  run_sparse(w, 16, owl_cpu::kMaxTokens, xr, b, y, "dense",
              [](Isa isa, owl_cpu::DType d, const owl_cpu::DenseView& v,
                 const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
                return owl_cpu::dense_linear(isa, d, v, a, bp, yp, v.n, r0, r1);
