@@ -39,6 +39,10 @@ constexpr int64_t kDecodeReach = 32;
 // each word's activation loads), below it row by row (4096 x 4096 at 70%, one thread, ns a
 // word: 2 tokens 0.78 row by row / 0.97 word by word, 4: 1.17 / 1.20, 8: 2.62 / 1.85).
 constexpr int kWordMajorTokens = 5;
+// From this many tokens on, the 2:4 kernel takes rows in groups, word by word across them
+// (4096 x 4096, one thread, ns a word, one row / groups: bf16 4 tokens 2.17 / 2.11, 8: 4.52
+// / 3.59; fp32 4: 7.0-8.0 / 4.1-4.6, 8: 10.2-12.1 / 8.0-8.4); a single row streams alone.
+constexpr int kRowGroupTokens = 4;
 
 // Rows [row0, row0 + R) of one 16-row bitmap strip, T tokens, column tiles [ct0, ct1).
 // cur[ct]: where the strip's first unvisited row starts in column tile ct (values go row
@@ -220,6 +224,33 @@ void stream_row(int64_t full, bool partial, const typename Ops::XT* x, const Wor
   }
 }
 
+// R rows' dot products with T tokens, word by word across the rows: each word's T
+// activation vectors are loaded once for all R rows.  word(i, c) / last(i): row i's decoded
+// words as in stream_row.  sums: [R][T].
+template <class Ops, int R, int T, class Word, class Last>
+void stream_rows(int64_t full, bool partial, const typename Ops::XT* x, const Word& word,
+                 const Last& last, float* sums) {
+  typename Ops::Acc acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = Ops::zero();
+  for (int64_t c = 0; c < full; ++c) {
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const typename Ops::W e = word(i, c);
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, x + (c * T + t) * 32);
+    }
+  }
+  if (partial) {
+    for (int i = 0; i < R; ++i) {
+      const typename Ops::W e = last(i);
+      for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, x + (full * T + t) * 32);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) sums[i * T + t] = Ops::sum(acc[i][t]);
+}
+
 // 2:4 row n, all T tokens: the 16 values of each 32 columns are contiguous in the row, so
 // a row is read front to back, values and meta bytes each one sequential stream (rows one
 // after the other: R rows interleaved, 2R streams, ran at ~16 GB/s on 4096-wide rows, where
@@ -228,38 +259,69 @@ void stream_row(int64_t full, bool partial, const typename Ops::XT* x, const Wor
 // chained through the popcounts before it.
 // False when a group's two indices are not distinct (its mask then has fewer bits than the
 // two values it stores): such a weight is corrupt, and the result would be wrong.
+template <class Ops>
+struct Sp24Words {
+  using VT = typename Ops::VT;
+  explicit Sp24Words(const Sparse24View& w)
+      : meta(w.meta), vals(static_cast<const VT*>(w.values)), k(w.k) {}
+  const uint8_t* meta;
+  const VT* vals;
+  int64_t k, mb = (k + 7) / 8, half = k / 2, full = k / 32;
+  // Row n's whole word c; its popcount added to bits (16 a word unless a group is corrupt).
+  typename Ops::W word(int64_t n, int64_t c, uint32_t& bits) const {
+    const uint32_t m = meta24_word(meta + n * mb + c * 4);
+    bits += uint32_t(__builtin_popcount(m));
+    const VT* p = vals + n * half + c * 16;
+    return Ops::decode_exact(m, p);
+  }
+  // Row n's partial last word (K % 32 != 0); ok false when its groups are corrupt.
+  typename Ops::W last(int64_t n, bool& ok) const {
+    const int cols = int(k - full * 32);
+    const uint32_t m = meta24_mask(meta + n * mb, full * 32, cols);
+    ok = ok && __builtin_popcount(m) == cols / 2;
+    const VT* p = vals + n * half + full * 16;
+    return Ops::decode_exact(m, p);
+  }
+};
+
 template <class Ops, int T>
 bool sp24_row(const Sparse24View& w, const typename Ops::XT* x, int64_t n, float* sums) {
-  const int64_t k = w.k, mb = (k + 7) / 8, half = k / 2, full = k / 32;
-  const uint8_t* meta = w.meta + n * mb;
-  const auto* row = static_cast<const typename Ops::VT*>(w.values) + n * half;
-  uint32_t bits = 0;  // popcounts, summed: 16 a word unless a group is corrupt
+  const Sp24Words<Ops> d(w);
+  uint32_t bits = 0;
   bool ok = true;
   stream_row<Ops, T>(
-      full, k % 32 != 0, x,
-      [&](int64_t c) {
-        const uint32_t m = meta24_word(meta + c * 4);
-        bits += uint32_t(__builtin_popcount(m));
-        const typename Ops::VT* p = row + c * 16;
-        return Ops::decode_exact(m, p);
-      },
-      [&] {
-        const int cols = int(k - full * 32);
-        const uint32_t m = meta24_mask(meta, full * 32, cols);
-        ok = __builtin_popcount(m) == cols / 2;
-        const typename Ops::VT* p = row + full * 16;
-        return Ops::decode_exact(m, p);
-      },
-      sums);
-  return ok && bits == uint32_t(full) * 16;
+      d.full, w.k % 32 != 0, x, [&](int64_t c) { return d.word(n, c, bits); },
+      [&] { return d.last(n, ok); }, sums);
+  return ok && bits == uint32_t(d.full) * 16;
+}
+
+// Rows [n0, n0 + R), word by word across them (each word's activations loaded once).
+template <class Ops, int R, int T>
+bool sp24_rows(const Sparse24View& w, const typename Ops::XT* x, int64_t n0, float* sums) {
+  const Sp24Words<Ops> d(w);
+  uint32_t bits[R] = {};
+  bool ok = true;
+  stream_rows<Ops, R, T>(
+      d.full, w.k % 32 != 0, x, [&](int i, int64_t c) { return d.word(n0 + i, c, bits[i]); },
+      [&](int i) { return d.last(n0 + i, ok); }, sums);
+  for (int i = 0; i < R; ++i) ok = ok && bits[i] == uint32_t(d.full) * 16;
+  return ok;
 }
 
 template <class Ops, int R, int T>
 bool sp24_span(DType dtype, const Sparse24View& w, const Activations& x, const void* bias,
                void* y, int64_t ldy, int64_t row_begin, int64_t row_end) {
   const auto* xs = static_cast<const typename Ops::XT*>(x.data);
-  float sums[T];
-  for (int64_t n = row_begin; n < row_end; ++n) {
+  constexpr int G = T >= kRowGroupTokens ? R : 1;
+  float sums[G * T];
+  int64_t n = row_begin;
+  if constexpr (G > 1) {
+    for (; n + G <= row_end; n += G) {
+      if (!sp24_rows<Ops, G, T>(w, xs, n, sums)) return false;
+      for (int i = 0; i < G; ++i) store_row(dtype, sums + i * T, T, bias, y, ldy, n + i);
+    }
+  }
+  for (; n < row_end; ++n) {
     if (!sp24_row<Ops, T>(w, xs, n, sums)) return false;
     store_row(dtype, sums, T, bias, y, ldy, n);
   }

@@ -458,7 +458,7 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
   const XRows xr = rows_of(x, w.k);
   if (xr.rows == 0) return y;
   if (counted(1, choose_fast(1, xr.dtype, w.n, w.k, xr.rows, 0.5)) == 0) {
-    run_sparse(w, 16, owl_cpu::kMaxTokens, xr, b, y, "2:4",
+    run_sparse(w, 16, owl_cpu::kSparse24PassTokens, xr, b, y, "2:4",
                [](Isa isa, owl_cpu::DType d, const owl_cpu::Sparse24View& v,
                   const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
                  return owl_cpu::sparse24_linear(isa, d, v, a, bp, yp, v.n, r0, r1);

@@ -34,8 +34,9 @@ SHAPES = [
     (18, 256),
     (70, 420),
 ]
-# Row by row below 5 tokens, word by word from 5; bf16 on AVX-512 BF16 runs passes of <= 8
-# tokens (16: 8 + 8, 17: 6 + 6 + 5).
+# Bitmap row groups go row by row below 5 tokens, word by word from 5; 2:4 rows one at a
+# time below 4 tokens, in groups from 4 (odd N: a last row alone); passes of <= 8 tokens
+# (16: 8 + 8, 17: 6 + 6 + 5) for 2:4, and for bitmap where bf16 multiplies bf16.
 TOKENS = [1, 2, 3, 5, 8, 9, 16, 17, 40]
 
 
@@ -145,12 +146,13 @@ def test_corrupt_bitmap_is_an_error_not_an_answer(backend, tokens):
         torch.ops.owl_sparse.bitmap_linear(x, p.bitmap, p.values, offsets, None, 40, 300)
 
 
-def test_corrupt_sparse24_is_an_error():
+@pytest.mark.parametrize("tokens", [1, 6])  # one row at a time, and rows in groups
+def test_corrupt_sparse24_is_an_error(tokens):
     gen = torch.Generator().manual_seed(4)
     q = packed("2:4", 8, 64, torch.float32, gen)
     meta = q.meta.clone()
     meta[3, 1] = 0x55  # both groups (1, 1): equal indices
-    x = torch.randn(1, 64)
+    x = torch.randn(tokens, 64)
     with pytest.raises(ValueError, match="inconsistent"):
         torch.ops.owl_sparse.sparse24_linear(x, q.values, meta, None)
 
