@@ -66,8 +66,6 @@ Isa detect_isa() {
   return Isa::kPortable;
 }
 
-int bitmap_pass_tokens(Isa isa, DType dtype) { return bf16_compute(isa, dtype) ? 8 : kMaxTokens; }
-
 size_t activation_bytes(Isa isa, DType dtype, int tokens, int64_t ld) {
   return size_t(tokens) * size_t(ld) * (bf16_compute(isa, dtype) ? 2 : 4);
 }

@@ -84,14 +84,10 @@ Activations prepare_activations(Isa isa, DType dtype, const void* x, int tokens,
 // These functions, and the unpacking ones, return false for a weight whose contents are
 // inconsistent (bitmap: popcounts that disagree with tile_offsets; 2:4: a group whose two
 // indices are equal); they never read outside the packed tensors, and y is then garbage.
-// Tokens per bitmap_linear call that run fastest (<= kMaxTokens): more tokens go in
-// passes of about equal size.  8 where bf16 multiplies bf16 (vdpbf16ps): two 8-token passes
-// beat one of 16 (4096 x 4096 at 70%, one thread, ns a word: 3.7 against 4.5), the rows of
-// a group then sharing each word's activations; kMaxTokens elsewhere (fp32 and fp16 gain
-// nothing from the split).
-int bitmap_pass_tokens(Isa isa, DType dtype);
-// The same for sparse24_linear, every instruction set and dtype: 8 (16 tokens, 4096 x 4096,
-// one thread, ns a word: bf16 8.7 in one pass, 7.2 in two; fp32 23-25 against 16-17).
+// Tokens per sparse24_linear call that run fastest (<= kMaxTokens; more go in passes of
+// about equal size): 16 tokens, 4096 x 4096, one thread, ns a word: bf16 8.7 in one pass,
+// 7.2 in two of 8; fp32 23-25 against 16-17.  (bitmap_linear splits 9-16 tokens into two
+// blocks itself, reading the values once.)
 constexpr int kSparse24PassTokens = 8;
 
 bool bitmap_linear(Isa isa, DType dtype, const BitmapView& w, const Activations& x,

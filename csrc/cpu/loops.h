@@ -18,6 +18,8 @@
 // they are stored (no conversion).
 #pragma once
 
+#include <algorithm>
+
 #include "kernel_common.h"
 
 namespace owl_cpu {
@@ -26,7 +28,6 @@ namespace loops {
 
 // Software prefetch distances of the bitmap kernels (tuned on Zen 4, see benchmarks/).
 constexpr int kPrefetchValues = 1024;  // values ahead of the one being read (16-row groups)
-constexpr int kPrefetchTiles = 4;      // column tiles ahead (smaller groups)
 constexpr int64_t kChunkBytes = 16384; // activations of the column tiles a row group visits
 // Dense rows: bytes ahead of the word being read, fetched with the non-temporal hint (a
 // weight streamed once per call then leaves the caches to the model's other data; +2% a
@@ -45,20 +46,23 @@ constexpr int kWordMajorTokens = 5;
 constexpr int kRowGroupTokens = 4;
 
 // Rows [row0, row0 + R) of one 16-row bitmap strip, T tokens, column tiles [ct0, ct1).
-// cur[ct]: where the strip's first unvisited row starts in column tile ct (values go row
-// by row inside a tile, so the R rows' values follow each other), updated.  accmem: the
-// rows' [R][T] accumulators, read and written back (registers in between).  Every word's
-// values must end at or before nnz (a weight whose bits outnumber its offsets would
-// otherwise read past the values): false, reading nothing more, when one does not.
-template <class Ops, int R, int T>
+// The activations hold XS >= T tokens (x: the first of this call's T; word c's vectors
+// are XS apart).  cur[ct]: where the strip's first unvisited row starts in column tile ct
+// (values go row by row inside a tile, so the R rows' values follow each other), updated.
+// accmem: the rows' accumulators, row i's T at accmem[i * XS], read and written back
+// (registers in between).  Every word's values must end at or before nnz (a weight whose
+// bits outnumber its offsets would otherwise read past the values): false, reading
+// nothing more, when one does not.
+template <class Ops, int R, int T, int XS = T>
 bool bitmap_rows(const BitmapView& w, const typename Ops::XT* x, int64_t strip, int row0,
-                 int64_t ct0, int64_t ct1, int32_t* cur, typename Ops::Acc* accmem) {
+                 int64_t ct0, int64_t ct1, int32_t* cur, typename Ops::Acc* accmem,
+                 int64_t ahead = 0) {
   typename Ops::Acc acc[R][T];
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) acc[i][t] = accmem[i * T + t];
-  const int64_t wpr = w.col_tiles() * 4;
+    for (int t = 0; t < T; ++t) acc[i][t] = accmem[i * XS + t];
+  const int64_t nct = w.col_tiles(), wpr = nct * 4, last_tile = w.strips() * nct;
   const uint32_t* bm =
       reinterpret_cast<const uint32_t*>(w.bitmap) + (strip * kTileN + row0) * wpr;
   const auto* vals = static_cast<const typename Ops::VT*>(w.values);
@@ -66,25 +70,27 @@ bool bitmap_rows(const BitmapView& w, const typename Ops::XT* x, int64_t strip, 
   // This strip's bitmap is 16 rows of 4 * nct words: while it is read tile by tile, the
   // next group's (or strip's) words are fetched, 256 bytes per tile.
   const uint32_t* next_bitmap = bm + R * wpr;
-  int64_t span = 0;  // bytes of this group's values in the previous tile
   for (int64_t ct = ct0; ct < ct1; ++ct) {
     const typename Ops::VT* p = vals + cur[ct];
-    if constexpr (R < kTileN) {
-      // A group reads only its rows' part of each tile (the other groups' parts lie in
-      // between), so a fixed distance ahead would land in another group's values: fetch
-      // this group's part of a tile further on, as long as its part here was.
-      if (ct + kPrefetchTiles < ct1) {
-        const char* ahead = reinterpret_cast<const char*>(vals + cur[ct + kPrefetchTiles]);
-        for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(ahead + b);
+    if (ahead > 0) {
+      // The values of the tile `ahead` tiles on (all its rows), which the groups reach one
+      // chunk later: groups of fewer than 16 rows read a chunk's values in short pieces
+      // from several tiles at once, an order the hardware prefetchers do not follow.
+      const int64_t t = strip * nct + ct + ahead;
+      if (t < last_tile) {
+        const int64_t a = w.tile_offsets[t], b = w.tile_offsets[t + 1];
+        if (a >= 0 && b <= w.nnz())  // a corrupt weight (refused later) fetches nothing
+          for (const char* q = reinterpret_cast<const char*>(vals + a);
+               q < reinterpret_cast<const char*>(vals + b); q += 64)
+            __builtin_prefetch(q);
       }
     }
     const uint32_t* words = bm + ct * 4;
-    const typename Ops::XT* xc = x + ct * 4 * T * 32;  // 4 words of T tokens
+    const typename Ops::XT* xc = x + ct * 4 * XS * 32;  // 4 words of XS tokens
     // R rows of a tile hold at most R * 128 values: only near the end is a check needed,
     // and there each word decodes exactly (never reading past the last value).
     const bool near_end = end - p < R * kTileK + kDecodeReach;
     for (int line = 0; line < 4; ++line) __builtin_prefetch(next_bitmap + ct * 64 + line * 16);
-    const typename Ops::VT* const start = p;
     if constexpr (R > 1 && T >= kWordMajorTokens) {
       // Word by word across the R rows: a word's T activation vectors are loaded once for
       // all R rows (R * T accumulators + T activations + R weights fit the registers).
@@ -106,7 +112,7 @@ bool bitmap_rows(const BitmapView& w, const typename Ops::XT* x, int64_t strip, 
           const typename Ops::W e =
               near_end ? Ops::decode_exact(m, pr[i]) : Ops::decode(m, pr[i]);
 #pragma GCC unroll 16
-          for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, xc + (k * T + t) * 32);
+          for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, xc + (k * XS + t) * 32);
         }
       }
       p = pr[R - 1];
@@ -122,17 +128,16 @@ bool bitmap_rows(const BitmapView& w, const typename Ops::XT* x, int64_t strip, 
           if (near_end && p + __builtin_popcount(m) > end) return false;
           const typename Ops::W e = near_end ? Ops::decode_exact(m, p) : Ops::decode(m, p);
 #pragma GCC unroll 16
-          for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, xc + (k * T + t) * 32);
+          for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, xc + (k * XS + t) * 32);
         }
       }
     }
-    span = int64_t(p - start) * int64_t(sizeof(*p));
     cur[ct] = int32_t(p - vals);
   }
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) accmem[i * T + t] = acc[i][t];
+    for (int t = 0; t < T; ++t) accmem[i * XS + t] = acc[i][t];
   return true;
 }
 
@@ -154,26 +159,63 @@ inline bool strip_ends(const BitmapView& w, int64_t s, const int32_t* cur) {
   return true;
 }
 
+// Rows per group for T tokens: as many as keep R * T <= max accumulators (a power of two).
+constexpr int group_rows(int max_acc, int tokens) {
+  int r = 16;
+  while (r > 1 && r * tokens > max_acc) r /= 2;
+  return r;
+}
+
+// The tokens of a bitmap call's first block: T, or half of T (rounded up) where T tokens
+// leave one row a group and half of them two or more, the rows of a group then sharing each
+// word's activations.  The blocks take turns over each chunk of column tiles, so its values
+// come from memory once (4096 x 4096 bf16, one thread, 16 tokens: 4.5 ns a word in one
+// block; two passes over the weight, 3.7, but at 50% they read its values twice).
+template <class Ops, int T>
+constexpr int first_block() {
+  return group_rows(Ops::kMaxAcc, T) == 1 && group_rows(Ops::kMaxAcc, (T + 1) / 2) > 1
+             ? (T + 1) / 2
+             : T;
+}
+
 // Whole strips.  With fewer than 16 rows per group, the groups take turns over chunks of
-// column tiles small enough that the chunk's activations stay in L1 between them
-// (kChunkBytes), the accumulators waiting in memory meanwhile.
+// column tiles small enough that the chunk's activations (all T tokens) stay in L1 between
+// them (kChunkBytes), the accumulators waiting in memory meanwhile; with two token blocks,
+// the blocks take turns over each chunk the same way.  The first group of a chunk fetches
+// the next chunk's values (11008 x 4096 bf16 at 70%, from memory, 2 threads, 4 tokens:
+// 3.3 ms with each group fetching only its own part of the tiles ahead, 1.1 with this).
 template <class Ops, int R, int T>
 bool bitmap_strips(DType dtype, const BitmapView& w, const Activations& x, const void* bias,
                    void* y, int64_t ldy, int64_t row_begin, int64_t row_end, int32_t* cur) {
+  constexpr int B1 = first_block<Ops, T>(), B2 = T - B1;
+  constexpr int R1 = group_rows(Ops::kMaxAcc, B1), R2 = group_rows(Ops::kMaxAcc, B2 > 0 ? B2 : 1);
   const auto* xs = static_cast<const typename Ops::XT*>(x.data);
   const int64_t nct = w.col_tiles();
-  const int64_t tile_bytes = 4 * T * 32 * int64_t(sizeof(typename Ops::XT));
-  const int64_t chunk = R == kTileN ? nct : std::max<int64_t>(1, kChunkBytes / tile_bytes);
+  constexpr int64_t kChunk =
+      std::max<int64_t>(1, kChunkBytes / (4 * T * 32 * int64_t(sizeof(typename Ops::XT))));
+  const int64_t chunk = R1 == kTileN ? nct : kChunk;
+  static_assert(B2 == 0 || (R1 < kTileN && kChunk <= 64), "two blocks need small chunks");
+  int32_t chunk_starts[B2 > 0 ? kChunk : 1];  // a chunk's tile starts, for the second block
   alignas(64) typename Ops::Acc accmem[kTileN * T];
   float sums[kTileN * T];
   for (int64_t s = row_begin / kTileN; s * kTileN < row_end; ++s) {
     if (!strip_starts(w, s, cur)) return false;
     for (int j = 0; j < kTileN * T; ++j) accmem[j] = Ops::zero();
-    for (int64_t c0 = 0; c0 < nct; c0 += chunk)
-      for (int r0 = 0; r0 < kTileN; r0 += R)
-        if (!bitmap_rows<Ops, R, T>(w, xs, s, r0, c0, std::min(nct, c0 + chunk), cur,
-                                    accmem + r0 * T))
+    for (int64_t c0 = 0; c0 < nct; c0 += chunk) {
+      const int64_t c1 = std::min(nct, c0 + chunk);
+      if constexpr (B2 > 0) std::copy(cur + c0, cur + c1, chunk_starts);
+      for (int r0 = 0; r0 < kTileN; r0 += R1)
+        if (!bitmap_rows<Ops, R1, B1, T>(w, xs, s, r0, c0, c1, cur, accmem + r0 * T,
+                                         R1 < kTileN && r0 == 0 ? chunk : 0))
           return false;
+      if constexpr (B2 > 0) {
+        std::copy(chunk_starts, chunk_starts + (c1 - c0), cur + c0);
+        for (int r0 = 0; r0 < kTileN; r0 += R2)
+          if (!bitmap_rows<Ops, R2, B2, T>(w, xs + B1 * 32, s, r0, c0, c1, cur,
+                                           accmem + r0 * T + B1))
+            return false;
+      }
+    }
     if (!strip_ends(w, s, cur)) return false;
     for (int j = 0; j < kTileN * T; ++j) sums[j] = Ops::sum(accmem[j]);
     for (int i = 0; i < kTileN; ++i) {
@@ -360,13 +402,6 @@ bool dense_span(DType dtype, const DenseView& w, const Activations& x, const voi
     store_row(dtype, sums, T, bias, y, ldy, n);
   }
   return true;
-}
-
-// Rows per group for T tokens: as many as keep R * T <= max accumulators (a power of two).
-constexpr int group_rows(int max_acc, int tokens) {
-  int r = 16;
-  while (r > 1 && r * tokens > max_acc) r /= 2;
-  return r;
 }
 
 // Runs F::template run<R, T>(args...) for the runtime token count (1..kMaxTokens).

@@ -434,8 +434,7 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& bitmap, const at
   if (xr.rows == 0) return y;
   const double sparsity = 1.0 - double(w.nnz()) / (double(n) * double(k));
   if (counted(0, choose_fast(0, xr.dtype, n, k, xr.rows, sparsity)) == 0) {
-    run_sparse(w, 16, owl_cpu::bitmap_pass_tokens(active_isa(), kernel_dtype(xr.dtype)), xr, b,
-               y, "bitmap",
+    run_sparse(w, 16, owl_cpu::kMaxTokens, xr, b, y, "bitmap",
                [](Isa isa, owl_cpu::DType d, const owl_cpu::BitmapView& v,
                   const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
                  thread_local std::vector<int32_t> scratch;
