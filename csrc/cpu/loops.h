@@ -44,6 +44,8 @@ constexpr int kWordMajorTokens = 5;
 // (4096 x 4096, one thread, ns a word, one row / groups: bf16 4 tokens 2.17 / 2.11, 8: 4.52
 // / 3.59; fp32 4: 7.0-8.0 / 4.1-4.6, 8: 10.2-12.1 / 8.0-8.4); a single row streams alone.
 constexpr int kRowGroupTokens = 4;
+// 2:4 row groups: values fetched ahead of the word being read, in each row.
+constexpr int64_t kSp24PrefetchValues = 512;
 
 // Rows [row0, row0 + R) of one 16-row bitmap strip, T tokens, column tiles [ct0, ct1).
 // The activations hold XS >= T tokens (x: the first of this call's T; word c's vectors
@@ -241,7 +243,9 @@ void stream_row(int64_t full, bool partial, const typename Ops::XT* x, const Wor
                 const Last& last, float* sums) {
   constexpr int A = T <= 4 ? 2 : 1;
   typename Ops::Acc acc[A][T];
+#pragma GCC unroll 16
   for (int a = 0; a < A; ++a)
+#pragma GCC unroll 16
     for (int t = 0; t < T; ++t) acc[a][t] = Ops::zero();
   int64_t c = 0;
   for (; c + A <= full; c += A) {
@@ -254,14 +258,18 @@ void stream_row(int64_t full, bool partial, const typename Ops::XT* x, const Wor
   }
   for (; c < full; ++c) {
     const typename Ops::W e = word(c);
+#pragma GCC unroll 16
     for (int t = 0; t < T; ++t) Ops::fma(acc[0][t], e, x + (c * T + t) * 32);
   }
   if (partial) {
     const typename Ops::W e = last();
+#pragma GCC unroll 16
     for (int t = 0; t < T; ++t) Ops::fma(acc[0][t], e, x + (full * T + t) * 32);
   }
+#pragma GCC unroll 16
   for (int t = 0; t < T; ++t) {
     sums[t] = Ops::sum(acc[0][t]);
+#pragma GCC unroll 2
     for (int a = 1; a < A; ++a) sums[t] += Ops::sum(acc[a][t]);
   }
 }
@@ -273,7 +281,9 @@ template <class Ops, int R, int T, class Word, class Last>
 void stream_rows(int64_t full, bool partial, const typename Ops::XT* x, const Word& word,
                  const Last& last, float* sums) {
   typename Ops::Acc acc[R][T];
+#pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
+#pragma GCC unroll 16
     for (int t = 0; t < T; ++t) acc[i][t] = Ops::zero();
   for (int64_t c = 0; c < full; ++c) {
 #pragma GCC unroll 16
@@ -284,12 +294,16 @@ void stream_rows(int64_t full, bool partial, const typename Ops::XT* x, const Wo
     }
   }
   if (partial) {
+#pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       const typename Ops::W e = last(i);
+#pragma GCC unroll 16
       for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, x + (full * T + t) * 32);
     }
   }
+#pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
+#pragma GCC unroll 16
     for (int t = 0; t < T; ++t) sums[i * T + t] = Ops::sum(acc[i][t]);
 }
 
@@ -344,7 +358,14 @@ bool sp24_rows(const Sparse24View& w, const typename Ops::XT* x, int64_t n0, flo
   uint32_t bits[R] = {};
   bool ok = true;
   stream_rows<Ops, R, T>(
-      d.full, w.k % 32 != 0, x, [&](int i, int64_t c) { return d.word(n0 + i, c, bits[i]); },
+      d.full, w.k % 32 != 0, x,
+      [&](int i, int64_t c) {
+        // 2R streams at once, more than the hardware prefetchers follow: fetch each row's
+        // values and meta bytes ahead (hints only: past a row's end they are never read).
+        __builtin_prefetch(d.vals + (n0 + i) * d.half + c * 16 + kSp24PrefetchValues);
+        __builtin_prefetch(d.meta + (n0 + i) * d.mb + c * 4 + kSp24PrefetchValues / 4);
+        return d.word(n0 + i, c, bits[i]);
+      },
       [&](int i) { return d.last(n0 + i, ok); }, sums);
   for (int i = 0; i < R; ++i) ok = ok && bits[i] == uint32_t(d.full) * 16;
   return ok;
