@@ -84,11 +84,6 @@ Activations prepare_activations(Isa isa, DType dtype, const void* x, int tokens,
 // These functions, and the unpacking ones, return false for a weight whose contents are
 // inconsistent (bitmap: popcounts that disagree with tile_offsets; 2:4: a group whose two
 // indices are equal); they never read outside the packed tensors, and y is then garbage.
-// Tokens per sparse24_linear call that run fastest (<= kMaxTokens; more go in passes of
-// about equal size): 16 tokens, 4096 x 4096, one thread, ns a word: bf16 8.7 in one pass,
-// 7.2 in two of 8; fp32 23-25 against 16-17.  (bitmap_linear splits 9-16 tokens into two
-// blocks itself, reading the values once.)
-constexpr int kSparse24PassTokens = 8;
 
 bool bitmap_linear(Isa isa, DType dtype, const BitmapView& w, const Activations& x,
                    const void* bias, void* y, int64_t ldy, int64_t row_begin, int64_t row_end,

@@ -359,15 +359,15 @@ class Buffer {
   size_t size_ = 0;
 };
 
-// Sparse: passes of <= pass_tokens (<= kMaxTokens) tokens over the packed bytes, of about
-// equal size (12 tokens in passes of 8: 6 + 6); y [rows, N] contiguous.
+// Sparse: passes of <= kMaxTokens tokens over the packed bytes, of about equal size (20
+// tokens: 10 + 10); y [rows, N] contiguous.
 template <class View, class Kernel>
-void run_sparse(const View& w, int64_t unit, int pass_tokens, const XRows& x,
-                const at::Tensor& bias, at::Tensor& y, const char* fmt, const Kernel& kernel) {
+void run_sparse(const View& w, int64_t unit, const XRows& x, const at::Tensor& bias,
+                at::Tensor& y, const char* fmt, const Kernel& kernel) {
   const Isa isa = active_isa();
   const auto dtype = kernel_dtype(x.dtype);
   const int64_t ld = w.padded_k(), tokens = x.rows;
-  const int64_t passes = (tokens + pass_tokens - 1) / pass_tokens;
+  const int64_t passes = (tokens + owl_cpu::kMaxTokens - 1) / owl_cpu::kMaxTokens;
   const int64_t per_pass = (tokens + passes - 1) / passes;
   // The caller's; workers only read it.  64-byte aligned: the kernels read it in 64-byte
   // vectors, and one split across two cache lines costs two loads (std::vector's storage
@@ -434,7 +434,7 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& bitmap, const at
   if (xr.rows == 0) return y;
   const double sparsity = 1.0 - double(w.nnz()) / (double(n) * double(k));
   if (counted(0, choose_fast(0, xr.dtype, n, k, xr.rows, sparsity)) == 0) {
-    run_sparse(w, 16, owl_cpu::kMaxTokens, xr, b, y, "bitmap",
+    run_sparse(w, 16, xr, b, y, "bitmap",
                [](Isa isa, owl_cpu::DType d, const owl_cpu::BitmapView& v,
                   const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
                  thread_local std::vector<int32_t> scratch;
@@ -457,7 +457,7 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
   const XRows xr = rows_of(x, w.k);
   if (xr.rows == 0) return y;
   if (counted(1, choose_fast(1, xr.dtype, w.n, w.k, xr.rows, 0.5)) == 0) {
-    run_sparse(w, 16, owl_cpu::kSparse24PassTokens, xr, b, y, "2:4",
+    run_sparse(w, 16, xr, b, y, "2:4",
                [](Isa isa, owl_cpu::DType d, const owl_cpu::Sparse24View& v,
                   const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
                  return owl_cpu::sparse24_linear(isa, d, v, a, bp, yp, v.n, r0, r1);
@@ -494,7 +494,7 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight,
         .contiguous();
   }
   at::Tensor y = output_for(x, w.n);
-  run_sparse(w, 16, owl_cpu::kMaxTokens, xr, b, y, "dense",
+  run_sparse(w, 16, xr, b, y, "dense",
              [](Isa isa, owl_cpu::DType d, const owl_cpu::DenseView& v,
                 const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
                return owl_cpu::dense_linear(isa, d, v, a, bp, yp, v.n, r0, r1);
