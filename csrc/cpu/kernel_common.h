@@ -124,11 +124,6 @@ inline void store_row(DType dtype, const float* sums, int tokens, const void* bi
   for (int t = 0; t < tokens; ++t) store_f32(dtype, y, t * ldy + n, sums[t] + b);
 }
 
-// Groups of rows that share every activation load: R rows x T tokens accumulators.
-inline int rows_per_group(int tokens) {
-  return tokens <= 1 ? 16 : tokens <= 2 ? 8 : tokens <= 4 ? 4 : tokens <= 8 ? 2 : 1;
-}
-
 // The 32-bit column mask of 2:4 columns [c, c + 32) of one row (meta row pointer mr), only
 // the first `cols` of them (a multiple of 4) valid.
 inline uint32_t meta24_mask(const uint8_t* mr, int64_t c, int cols) {

@@ -191,7 +191,7 @@ constexpr int first_block() {
 // the blocks take turns over each chunk the same way.  The first group of a chunk fetches
 // the next chunk's values (11008 x 4096 bf16 at 70%, from memory, 2 threads, 4 tokens:
 // 3.3 ms with each group fetching only its own part of the tiles ahead, 1.1 with this).
-template <class Ops, int R, int T>
+template <class Ops, int T>
 bool bitmap_strips(DType dtype, const BitmapView& w, const Activations& x, const void* bias,
                    void* y, int64_t ldy, int64_t row_begin, int64_t row_end, int32_t* cur) {
   constexpr int B1 = first_block<Ops, T>(), B2 = T - B1;
@@ -399,7 +399,7 @@ bool sp24_rows(const Sparse24View& w, const typename Ops::XT* x, int64_t n0, flo
   return ok;
 }
 
-template <class Ops, int R, int T>
+template <class Ops, int T>
 bool sp24_span(DType dtype, const Sparse24View& w, const Activations& x, const void* bias,
                void* y, int64_t ldy, int64_t row_begin, int64_t row_end) {
   const auto* xs = static_cast<const typename Ops::XT*>(x.data);
@@ -441,7 +441,7 @@ void dense_row(const DenseView& w, const typename Ops::XT* x, int64_t n, float* 
       sums);
 }
 
-template <class Ops, int R, int T>
+template <class Ops, int T>
 bool dense_span(DType dtype, const DenseView& w, const Activations& x, const void* bias, void* y,
                 int64_t ldy, int64_t row_begin, int64_t row_end) {
   const auto* xs = static_cast<const typename Ops::XT*>(x.data);
@@ -453,12 +453,12 @@ bool dense_span(DType dtype, const DenseView& w, const Activations& x, const voi
   return true;
 }
 
-// Runs F::template run<R, T>(args...) for the runtime token count (1..kMaxTokens).
+// Runs F::template run<Ops, T>(args...) for the runtime token count (1..kMaxTokens).
 template <class Ops, class F, class... A>
 bool by_tokens(int tokens, A&&... a) {
   switch (tokens) {
 #define OWL_CASE(T) \
-  case T: return F::template run<Ops, group_rows(Ops::kMaxAcc, T), T>(a...);
+  case T: return F::template run<Ops, T>(a...);
     OWL_CASE(1) OWL_CASE(2) OWL_CASE(3) OWL_CASE(4) OWL_CASE(5) OWL_CASE(6) OWL_CASE(7)
     OWL_CASE(8) OWL_CASE(9) OWL_CASE(10) OWL_CASE(11) OWL_CASE(12) OWL_CASE(13) OWL_CASE(14)
     OWL_CASE(15) OWL_CASE(16)
@@ -468,18 +468,18 @@ bool by_tokens(int tokens, A&&... a) {
 }
 
 struct BitmapRun {
-  template <class Ops, int R, int T, class... A>
-  static bool run(A&&... a) { return bitmap_strips<Ops, R, T>(a...); }
+  template <class Ops, int T, class... A>
+  static bool run(A&&... a) { return bitmap_strips<Ops, T>(a...); }
 };
 
 struct DenseRun {
-  template <class Ops, int R, int T, class... A>
-  static bool run(A&&... a) { return dense_span<Ops, R, T>(a...); }
+  template <class Ops, int T, class... A>
+  static bool run(A&&... a) { return dense_span<Ops, T>(a...); }
 };
 
 struct Sp24Run {
-  template <class Ops, int R, int T, class... A>
-  static bool run(A&&... a) { return sp24_span<Ops, R, T>(a...); }
+  template <class Ops, int T, class... A>
+  static bool run(A&&... a) { return sp24_span<Ops, T>(a...); }
 };
 
 template <class Ops>
