@@ -30,6 +30,10 @@ variable                       meaning
 ``OWL_SPARSE_CPU_DENSE_KERNEL`` 0: serving on the CPU keeps torch's ``F.linear`` for dense
                                layers (default: owl-sparse's dense kernel, see
                                ``owl_sparse.nn.native``)
+``OWL_SPARSE_CPU_GROUP_LAYERS`` 0: a compiled CPU decode step calls each packed layer on
+                               its own (default: the bitmap layers reading the same
+                               activations, q/k/v and gate/up, in one call, see
+                               ``owl_sparse.serve.fusion``)
 ``OWL_SPARSE_MAX_TEXT_MB``     largest text file read for calibration or evaluation, in
                                MiB (default 1024; a larger file, or an endless device such
                                as ``/dev/zero``, is refused)
@@ -71,6 +75,7 @@ class Settings:
     cpu_isa: str | None
     compile_decode: bool
     cpu_dense_kernel: bool
+    cpu_group_layers: bool
     cpu_decode_eager_attention: bool
     max_text_bytes: int
     bench_size: int
@@ -180,6 +185,7 @@ def read(env=None) -> Settings:
         cpu_isa=_cpu_isa(env),
         compile_decode=_flag(env, "OWL_SPARSE_COMPILE_DECODE", default=True),
         cpu_dense_kernel=_flag(env, "OWL_SPARSE_CPU_DENSE_KERNEL", default=True),
+        cpu_group_layers=_flag(env, "OWL_SPARSE_CPU_GROUP_LAYERS", default=True),
         cpu_decode_eager_attention=_flag(
             env, "OWL_SPARSE_CPU_DECODE_EAGER_ATTENTION", default=True
         ),

@@ -298,17 +298,30 @@ void fail_corrupt(const char* fmt) {
 }
 
 // ------------------------------------------------------------------ the two backends
-// run(r0, r1) over rows [0, rows) in pieces of `unit` rows (the last may be shorter), the
-// pieces shared out among torch's threads; an inconsistent weight is a ValueError.
+// run(p, r0, r1) over rows [0, rows[p]) of every part p < parts (the weights of one call),
+// in pieces of `unit` rows (a part's last may be shorter), the pieces of all parts shared out
+// among torch's threads in one parallel region; an inconsistent weight is a ValueError.
 template <class Run>
-void over_rows(int64_t rows, int64_t unit, const Run& run, const char* fmt) {
-  const int64_t units = (rows + unit - 1) / unit;
+void over_parts(const int64_t* rows, size_t parts, int64_t unit, const Run& run,
+                const char* fmt) {
+  c10::SmallVector<int64_t, 8> first(parts + 1, 0);  // the parts' first piece
+  for (size_t p = 0; p < parts; ++p) first[p + 1] = first[p] + (rows[p] + unit - 1) / unit;
   std::atomic<bool> ok{true};
-  at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
-    for (int64_t u = b; u < e && ok.load(std::memory_order_relaxed); ++u)
-      if (!run(u * unit, std::min((u + 1) * unit, rows))) ok.store(false);
+  at::parallel_for(0, first[parts], 1, [&](int64_t b, int64_t e) {
+    size_t p = size_t(std::upper_bound(first.begin(), first.end(), b) - first.begin()) - 1;
+    for (int64_t u = b; u < e && ok.load(std::memory_order_relaxed); ++u) {
+      while (u >= first[p + 1]) ++p;
+      const int64_t r0 = (u - first[p]) * unit;
+      if (!run(p, r0, std::min(r0 + unit, rows[p]))) ok.store(false);
+    }
   });
   if (!ok.load()) fail_corrupt(fmt);
+}
+
+// run(r0, r1) over the rows [0, rows) of one weight (over_parts with one part).
+template <class Run>
+void over_rows(int64_t rows, int64_t unit, const Run& run, const char* fmt) {
+  over_parts(&rows, 1, unit, [&](size_t, int64_t r0, int64_t r1) { return run(r0, r1); }, fmt);
 }
 
 // x [..., K] as rows of K elements: the first row, the row count, the row stride in
@@ -360,29 +373,34 @@ class Buffer {
 };
 
 // Sparse: passes of <= kMaxTokens tokens over the packed bytes, of about equal size (20
-// tokens: 10 + 10); y [rows, N] contiguous.
+// tokens: 10 + 10); y [rows, sum of the weights' N] contiguous, weight i's outputs in its
+// columns after those of the weights before it (one weight: y [rows, N]).  The weights share
+// x (same K): one conversion of x and one parallel region a pass for all of them.
 template <class View, class Kernel>
-void run_sparse(const View& w, int64_t unit, const XRows& x, const at::Tensor& bias,
-                at::Tensor& y, const char* fmt, const Kernel& kernel) {
+void run_sparse(const View* ws, size_t count, int64_t unit, const XRows& x,
+                const at::Tensor& bias, at::Tensor& y, const char* fmt, const Kernel& kernel) {
   const Isa isa = active_isa();
   const auto dtype = kernel_dtype(x.dtype);
-  const int64_t ld = w.padded_k(), tokens = x.rows;
+  const int64_t ld = ws[0].padded_k(), tokens = x.rows;
   const int64_t passes = (tokens + owl_cpu::kMaxTokens - 1) / owl_cpu::kMaxTokens;
   const int64_t per_pass = (tokens + passes - 1) / passes;
+  c10::SmallVector<int64_t, 8> rows(count), col(count);
+  int64_t ldy = 0;
+  for (size_t i = 0; i < count; ++i) rows[i] = ws[i].n, col[i] = ldy, ldy += ws[i].n;
   // The caller's; workers only read it.  64-byte aligned: the kernels read it in 64-byte
   // vectors, and one split across two cache lines costs two loads (std::vector's storage
   // starts 16 bytes into a page once it is large: 1.7x slower at 16 tokens).
   thread_local Buffer acts;
   for (int64_t t0 = 0; t0 < tokens; t0 += per_pass) {
     const int t = int(std::min<int64_t>(per_pass, tokens - t0));
-    void* ws = acts.get(owl_cpu::activation_bytes(isa, dtype, t, ld));
+    void* ws_mem = acts.get(owl_cpu::activation_bytes(isa, dtype, t, ld));
     const char* xp = x.data + t0 * x.stride * x.elem;
     const owl_cpu::Activations a = owl_cpu::prepare_activations(
-        isa, dtype, xp, t, w.k, x.stride, ws, ld);
-    char* yp = static_cast<char*>(y.data_ptr()) + t0 * w.n * x.elem;
-    const void* bp = bias.defined() ? bias.data_ptr() : nullptr;
-    over_rows(w.n, unit, [&](int64_t r0, int64_t r1) {
-      return kernel(isa, dtype, w, a, bp, yp, r0, r1);
+        isa, dtype, xp, t, ws[0].k, x.stride, ws_mem, ld);
+    char* yp = static_cast<char*>(y.data_ptr()) + t0 * ldy * x.elem;
+    const void* bp = bias.defined() ? bias.data_ptr() : nullptr;  // one weight only
+    over_parts(rows.data(), count, unit, [&](size_t p, int64_t r0, int64_t r1) {
+      return kernel(isa, dtype, ws[p], a, bp, yp + col[p] * x.elem, ldy, r0, r1);
     }, fmt);
   }
 }
@@ -423,6 +441,15 @@ at::Tensor output_for(const at::Tensor& x, int64_t n) {
 
 
 // ------------------------------------------------------------------ the ops
+// The bitmap kernel on rows [r0, r1) of v (run_sparse's kernel argument).
+bool bitmap_kernel(Isa isa, owl_cpu::DType d, const owl_cpu::BitmapView& v,
+                   const owl_cpu::Activations& a, const void* bp, void* yp, int64_t ldy, int64_t r0,
+                   int64_t r1) {
+  thread_local std::vector<int32_t> scratch;
+  scratch.resize(size_t(v.col_tiles()));
+  return owl_cpu::bitmap_linear(isa, d, v, a, bp, yp, ldy, r0, r1, scratch.data());
+}
+
 at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& values,
                          const at::Tensor& tile_offsets, const c10::optional<at::Tensor>& bias,
                          int64_t n, int64_t k) {
@@ -434,17 +461,54 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& bitmap, const at
   if (xr.rows == 0) return y;
   const double sparsity = 1.0 - double(w.nnz()) / (double(n) * double(k));
   if (counted(0, choose_fast(0, xr.dtype, n, k, xr.rows, sparsity)) == 0) {
-    run_sparse(w, 16, xr, b, y, "bitmap",
-               [](Isa isa, owl_cpu::DType d, const owl_cpu::BitmapView& v,
-                  const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
-                 thread_local std::vector<int32_t> scratch;
-                 scratch.resize(size_t(v.col_tiles()));
-                 return owl_cpu::bitmap_linear(isa, d, v, a, bp, yp, v.n, r0, r1, scratch.data());
-               });
+    run_sparse(&w, 1, 16, xr, b, y, "bitmap", bitmap_kernel);
   } else {
     at::Tensor y2d = y.view({-1, n});
     run_dense(w, as_2d(xr, x), b, y2d, "bitmap", owl_cpu::bitmap_unpack);
   }
+  return y;
+}
+
+// The bitmap weights of a layer that read the same x (q/k/v, gate/up): y [..., sum of ns],
+// weight i's x @ W_i^T in its columns after those of the weights before it.  On the kernel
+// backend one conversion of x and one parallel region cover them all (a decode step would
+// pay both once a weight); where the table picks the GEMM for any of them, each weight runs
+// as bitmap_linear does and is copied into its columns.
+at::Tensor bitmap_linear_group(const at::Tensor& x, at::TensorList bitmaps, at::TensorList values,
+                               at::TensorList tile_offsets, at::IntArrayRef ns, int64_t k) {
+  const size_t count = bitmaps.size();
+  OWL_CHECK_VALUE(count >= 1 && values.size() == count && tile_offsets.size() == count &&
+                      ns.size() == count,
+                  "bitmap_linear_group: bitmaps, values, tile_offsets and out_features need one "
+                  "entry per weight (at least one), got ", int64_t(count), ", ",
+                  int64_t(values.size()), ", ", int64_t(tile_offsets.size()), ", ",
+                  int64_t(ns.size()));
+  c10::SmallVector<owl_cpu::BitmapView, 8> ws;
+  int64_t total = 0;
+  for (size_t i = 0; i < count; ++i) {
+    ws.push_back(bitmap_view(bitmaps[i], values[i], tile_offsets[i], ns[i], k));
+    check_x(x, values[i], ns[i], k, "bitmap");
+    total += ns[i];
+  }
+  at::Tensor y = output_for(x, total);
+  const XRows xr = rows_of(x, k);
+  if (xr.rows == 0) return y;
+  bool kernel = true;
+  for (const owl_cpu::BitmapView& w : ws) {
+    const double sparsity = 1.0 - double(w.nnz()) / (double(w.n) * double(w.k));
+    kernel = kernel && choose_fast(0, xr.dtype, w.n, k, xr.rows, sparsity) == 0;
+  }
+  if (!kernel) {
+    int64_t col = 0;
+    for (size_t i = 0; i < count; ++i) {
+      y.narrow(-1, col, ns[i]).copy_(
+          bitmap_linear(x, bitmaps[i], values[i], tile_offsets[i], c10::nullopt, ns[i], k));
+      col += ns[i];
+    }
+    return y;
+  }
+  for (size_t i = 0; i < count; ++i) counted(0, 0);
+  run_sparse(ws.data(), count, 16, xr, at::Tensor(), y, "bitmap", bitmap_kernel);
   return y;
 }
 
@@ -457,10 +521,11 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
   const XRows xr = rows_of(x, w.k);
   if (xr.rows == 0) return y;
   if (counted(1, choose_fast(1, xr.dtype, w.n, w.k, xr.rows, 0.5)) == 0) {
-    run_sparse(w, 16, xr, b, y, "2:4",
+    run_sparse(&w, 1, 16, xr, b, y, "2:4",
                [](Isa isa, owl_cpu::DType d, const owl_cpu::Sparse24View& v,
-                  const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
-                 return owl_cpu::sparse24_linear(isa, d, v, a, bp, yp, v.n, r0, r1);
+                  const owl_cpu::Activations& a, const void* bp, void* yp, int64_t ldy,
+                  int64_t r0, int64_t r1) {
+                 return owl_cpu::sparse24_linear(isa, d, v, a, bp, yp, ldy, r0, r1);
                });
   } else {
     at::Tensor y2d = y.view({-1, w.n});
@@ -494,11 +559,10 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight,
         .contiguous();
   }
   at::Tensor y = output_for(x, w.n);
-  run_sparse(w, 16, xr, b, y, "dense",
+  run_sparse(&w, 1, 16, xr, b, y, "dense",
              [](Isa isa, owl_cpu::DType d, const owl_cpu::DenseView& v,
-                const owl_cpu::Activations& a, const void* bp, void* yp, int64_t r0, int64_t r1) {
-               return owl_cpu::dense_linear(isa, d, v, a, bp, yp, v.n, r0, r1);
-             });
+                const owl_cpu::Activations& a, const void* bp, void* yp, int64_t ldy, int64_t r0,
+                int64_t r1) { return owl_cpu::dense_linear(isa, d, v, a, bp, yp, ldy, r0, r1); });
   return y;
 }
 
@@ -640,6 +704,7 @@ TORCH_LIBRARY(owl_sparse_cpu, m) {
 
 TORCH_LIBRARY_IMPL(owl_sparse, CPU, m) {
   m.impl("bitmap_linear", &bitmap_linear);
+  m.impl("bitmap_linear_group", &bitmap_linear_group);
   m.impl("sparse24_linear", &sparse24_linear);
   m.impl("dense_linear", &dense_linear);
 }
@@ -658,6 +723,12 @@ namespace {
 const at::Tensor& tensor_of(AtenTensorHandle h) {
   return *torch::aot_inductor::tensor_handle_to_tensor_pointer(h);
 }
+std::vector<at::Tensor> tensors_of(const AtenTensorHandle* hs, int64_t len) {
+  std::vector<at::Tensor> out;
+  out.reserve(size_t(len));
+  for (int64_t i = 0; i < len; ++i) out.push_back(tensor_of(hs[i]));
+  return out;
+}
 c10::optional<at::Tensor> optional_of(const AtenTensorHandle* h) {
   return h ? c10::optional<at::Tensor>(tensor_of(*h)) : c10::nullopt;
 }
@@ -672,6 +743,19 @@ OWL_SHIM aoti_torch_cpu_bitmap_linear(AtenTensorHandle x, AtenTensorHandle bitma
     *ret0 = torch::aot_inductor::new_tensor_handle(bitmap_linear(
         tensor_of(x), tensor_of(bitmap), tensor_of(values), tensor_of(tile_offsets),
         optional_of(bias), n, k));
+  });
+}
+
+OWL_SHIM aoti_torch_cpu_bitmap_linear_group(
+    AtenTensorHandle x, const AtenTensorHandle* bitmaps, int64_t bitmaps_len_,
+    const AtenTensorHandle* values, int64_t values_len_, const AtenTensorHandle* tile_offsets,
+    int64_t tile_offsets_len_, const int64_t* ns, int64_t ns_len_, int64_t k,
+    AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    RECORD_FUNCTION("owl_sparse::bitmap_linear_group", c10::ArrayRef<const c10::IValue>());
+    *ret0 = torch::aot_inductor::new_tensor_handle(bitmap_linear_group(
+        tensor_of(x), tensors_of(bitmaps, bitmaps_len_), tensors_of(values, values_len_),
+        tensors_of(tile_offsets, tile_offsets_len_), at::IntArrayRef(ns, size_t(ns_len_)), k));
   });
 }
 

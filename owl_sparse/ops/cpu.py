@@ -76,6 +76,10 @@ _C_SHIMS = {
     "bitmap_linear": "AOTITorchError aoti_torch_cpu_bitmap_linear(AtenTensorHandle x, "
     "AtenTensorHandle bitmap, AtenTensorHandle values, AtenTensorHandle tile_offsets, "
     "AtenTensorHandle* bias, int64_t n, int64_t k, AtenTensorHandle* ret0)",
+    "bitmap_linear_group": "AOTITorchError aoti_torch_cpu_bitmap_linear_group(AtenTensorHandle x, "
+    "const AtenTensorHandle* bitmaps, int64_t bitmaps_len_, const AtenTensorHandle* values, "
+    "int64_t values_len_, const AtenTensorHandle* tile_offsets, int64_t tile_offsets_len_, "
+    "const int64_t* ns, int64_t ns_len_, int64_t k, AtenTensorHandle* ret0)",
     "sparse24_linear": "AOTITorchError aoti_torch_cpu_sparse24_linear(AtenTensorHandle x, "
     "AtenTensorHandle values, AtenTensorHandle meta, AtenTensorHandle* bias, "
     "AtenTensorHandle* ret0)",

@@ -2,6 +2,8 @@
 
 ``owl_sparse::bitmap_linear(x, bitmap, values, tile_offsets, bias, out_features, in_features)``
     ``y = x @ W^T + bias`` with ``W`` [N, K] packed as a :class:`BitmapWeight`.
+``owl_sparse::bitmap_linear_group(x, bitmaps, values, tile_offsets, out_features, in_features)``
+    several bitmap weights that read the same ``x``, their outputs side by side (no bias).
 ``owl_sparse::sparse24_linear(x, values, meta, bias)``
     the same with ``W`` packed as a :class:`Sparse24Weight` (K = 2 * values.shape[1]).
 ``owl_sparse::dense_linear(x, weight, bias)``
@@ -157,6 +159,51 @@ def _bitmap_linear_fake(x, bitmap, values, tile_offsets, bias, out_features, in_
     return _fake_output("bitmap_linear", x, bias, n)
 
 
+@torch.library.custom_op("owl_sparse::bitmap_linear_group", mutates_args=())
+def bitmap_linear_group(
+    x: Tensor,
+    bitmaps: list[Tensor],
+    values: list[Tensor],
+    tile_offsets: list[Tensor],
+    out_features: list[int],
+    in_features: int,
+) -> Tensor:
+    """y [..., sum(out_features)] = the bitmap weights W_i [out_features[i], in_features] that
+    read the same x, each one's x @ W_i^T in its columns after the ones before (no bias).
+
+    Equal, bit for bit, to concatenating `bitmap_linear` of each weight; on the CPU one call
+    converts x once and runs every weight's rows in one parallel region (the decode step's
+    graph pass, :mod:`owl_sparse.serve.fusion`, puts a layer's q/k/v and its gate/up here).
+    """
+    _check_group(bitmaps, values, tile_offsets, out_features)
+    outs = [
+        bitmap_linear(x, b, v, t, None, n, in_features)
+        for b, v, t, n in zip(bitmaps, values, tile_offsets, out_features)
+    ]
+    return torch.cat(outs, dim=-1)
+
+
+def _check_group(bitmaps, values, tile_offsets, out_features) -> None:
+    counts = (len(bitmaps), len(values), len(tile_offsets), len(out_features))
+    if counts[0] < 1 or len(set(counts)) != 1:
+        raise InputError(
+            "bitmap_linear_group: bitmaps, values, tile_offsets and out_features need one "
+            f"entry per weight (at least one), got {list(counts)}"
+        )
+
+
+@bitmap_linear_group.register_fake
+def _bitmap_linear_group_fake(x, bitmaps, values, tile_offsets, out_features, in_features):
+    counts = (len(bitmaps), len(values), len(tile_offsets), len(out_features))
+    torch._check(
+        counts[0] >= 1 and len(set(counts)) == 1,
+        lambda: f"bitmap_linear_group: one entry per weight in each list, got {list(counts)}",
+    )
+    for b, v, t, n in zip(bitmaps, values, tile_offsets, out_features):
+        _bitmap_linear_fake(x, b, v, t, None, n, in_features)
+    return x.new_empty((*x.shape[:-1], sum(out_features)))
+
+
 # ---------------------------------------------------------------------------- 2:4
 @torch.library.custom_op("owl_sparse::sparse24_linear", mutates_args=())
 def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
@@ -260,7 +307,27 @@ def _backward_dense(ctx, grad):
     return _grad_input(grad, weight), grad_w, _grad_bias(grad, ctx.bias_grad)
 
 
+def _setup_group(ctx, inputs, output):
+    x, bitmaps, values, tile_offsets, ns, k = inputs
+    ctx.save_for_backward(*bitmaps, *values, *tile_offsets)
+    ctx.shapes = (list(ns), k)
+
+
+def _backward_group(ctx, grad):
+    (ns, k), m = ctx.shapes, len(ctx.shapes[0])
+    saved = ctx.saved_tensors
+    dense = torch.cat(
+        [
+            BitmapWeight(saved[i], saved[m + i], saved[2 * m + i], ns[i], k).to_dense()
+            for i in range(m)
+        ]
+    )
+    none = [None] * m
+    return _grad_input(grad, dense), none, none, none, None, None
+
+
 bitmap_linear.register_autograd(_backward_bitmap, setup_context=_setup_bitmap)
+bitmap_linear_group.register_autograd(_backward_group, setup_context=_setup_group)
 dense_linear.register_autograd(_backward_dense, setup_context=_setup_dense)
 sparse24_linear.register_autograd(_backward_24, setup_context=_setup_24)
 

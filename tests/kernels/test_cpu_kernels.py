@@ -97,6 +97,46 @@ def test_matches_fp64_reference(isa, dtype, fmt):
                     assert err <= TOL[dtype], (isa, fmt, backend, n, k, tokens, err)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("isa", ISAS)
+def test_grouped_bitmap_layers_equal_separate_calls(isa, dtype):
+    """bitmap_linear_group == the weights' bitmap_linear outputs side by side, bit for bit, on
+    both backends (the kernel's one parallel region over all weights' strips, and the GEMM)."""
+    gen = torch.Generator().manual_seed(hash((isa, str(dtype))) % 2**31)
+    k = 300
+    ws = [packed("bitmap", n, k, dtype, gen) for n in (33, 16, 70)]
+    args = ([p.bitmap for p in ws], [p.values for p in ws], [p.tile_offsets for p in ws])
+    with cpu.use_isa(isa):
+        for tokens in (1, 5, 17, 40):
+            x = torch.randn(tokens, k, generator=gen).to(dtype)
+            for backend in ("cpu_sparse", "dense"):
+                with dispatch.force_backend("bitmap", backend):
+                    y = torch.ops.owl_sparse.bitmap_linear_group(x, *args, [33, 16, 70], k)
+                    parts = [run_op(p, x, None) for p in ws]
+                assert torch.equal(y, torch.cat(parts, dim=-1)), (isa, dtype, tokens, backend)
+
+
+def test_grouped_bitmap_layers_refuse_bad_input():
+    gen = torch.Generator().manual_seed(3)
+    a, b = (packed("bitmap", n, 64, torch.bfloat16, gen) for n in (16, 20))
+    x = torch.randn(2, 64).bfloat16()
+    group = torch.ops.owl_sparse.bitmap_linear_group
+    assert group(x[:0], [a.bitmap], [a.values], [a.tile_offsets], [16], 64).shape == (0, 16)
+    with pytest.raises(ValueError, match="one entry per weight"):
+        group(x, [a.bitmap, b.bitmap], [a.values], [a.tile_offsets, b.tile_offsets], [16, 20], 64)
+    with pytest.raises(ValueError, match="last dim must be 64"):
+        group(torch.randn(2, 32).bfloat16(), [a.bitmap], [a.values], [a.tile_offsets], [16], 64)
+    with pytest.raises(ValueError, match="bitmap.bitmap must have shape"):
+        group(
+            x,
+            [a.bitmap, a.bitmap],
+            [a.values, b.values],
+            [a.tile_offsets, b.tile_offsets],
+            [16, 20],
+            64,
+        )
+
+
 @pytest.mark.parametrize("fmt", ["bitmap", "2:4"])
 def test_batched_and_non_contiguous_activations(fmt):
     gen = torch.Generator().manual_seed(1)

@@ -24,6 +24,7 @@ def test_every_op_has_a_shim_its_graphs_can_resolve():
     shims = cpu.c_shims()
     assert {op.name() for op in shims} == {
         "owl_sparse::bitmap_linear",
+        "owl_sparse::bitmap_linear_group",
         "owl_sparse::sparse24_linear",
         "owl_sparse::dense_linear",
     }
@@ -34,7 +35,12 @@ def test_every_op_has_a_shim_its_graphs_can_resolve():
         assert getattr(everywhere, name)
     # the status the benchmarks write into their JSON names them (and stays JSON)
     status = json.loads(json.dumps(cpu.status()))
-    assert status["c_shims"] == ["bitmap_linear", "dense_linear", "sparse24_linear"]
+    assert status["c_shims"] == [
+        "bitmap_linear",
+        "bitmap_linear_group",
+        "dense_linear",
+        "sparse24_linear",
+    ]
 
 
 def test_compile_options_give_the_shims_to_cpu_graphs_only(monkeypatch):
@@ -43,6 +49,59 @@ def test_compile_options_give_the_shims_to_cpu_graphs_only(monkeypatch):
     assert SHIM_OPTION not in kv_cache.compile_options()
     monkeypatch.setitem(kv_cache.COMPILE_OPTIONS, "cpp_wrapper", False)  # a Python wrapper
     assert SHIM_OPTION not in kv_cache.compile_options(torch.device("cpu"))
+
+
+GROUP_OPTION = "post_grad_custom_pre_pass"
+
+
+def test_compile_options_group_layers_on_cpu_unless_switched_off(monkeypatch):
+    from owl_sparse import settings
+
+    assert GROUP_OPTION in kv_cache.compile_options(torch.device("cpu"))
+    assert GROUP_OPTION not in kv_cache.compile_options(torch.device("cuda"))
+    monkeypatch.setenv("OWL_SPARSE_CPU_GROUP_LAYERS", "0")
+    settings.get.cache_clear()
+    try:
+        assert GROUP_OPTION not in kv_cache.compile_options(torch.device("cpu"))
+    finally:
+        monkeypatch.delenv("OWL_SPARSE_CPU_GROUP_LAYERS")
+        settings.get.cache_clear()
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_layers_reading_one_input_become_one_grouped_call(tokens):
+    """q/k/v-like layers on one x run as one bitmap_linear_group call through its shim; a
+    layer with a bias, and one on another input, stay single calls; results bit for bit."""
+    gen = torch.Generator().manual_seed(tokens)
+    k = 200
+
+    def packed(n, kk=k):
+        w = torch.randn(n, kk, generator=gen).bfloat16()
+        return BitmapWeight.from_dense(w, torch.rand(n, kk, generator=gen) > 0.6)
+
+    ws = [packed(n) for n in (48, 16, 16, 40)] + [packed(24, 120)]
+    bias = torch.randn(40, generator=gen).bfloat16()
+
+    def lin(x, p, b=None):
+        return torch.ops.owl_sparse.bitmap_linear(
+            x, p.bitmap, p.values, p.tile_offsets, b, p.N, p.K
+        )
+
+    def f(x):
+        q, kk, v = lin(x, ws[0]), lin(x, ws[1]), lin(x, ws[2])
+        b = lin(x, ws[3], bias)
+        h = torch.cat([q * 2, kk + 1, v - 1, b], dim=-1)
+        return lin(torch.relu(h), ws[4])
+
+    compiled = torch.compile(
+        f, dynamic=False, fullgraph=True, options=kv_cache.compile_options(torch.device("cpu"))
+    )
+    x = torch.randn(2, tokens, k, generator=gen).bfloat16()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        got, code = run_and_get_cpp_code(compiled, x)
+    assert code.count("aoti_torch_cpu_bitmap_linear_group(") == 2  # its declaration, one call
+    assert code.count("aoti_torch_cpu_bitmap_linear(") == 3  # declaration, biased, other input
+    assert torch.equal(got, f(x))
 
 
 def _layer(fmt, gen):

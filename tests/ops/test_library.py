@@ -33,6 +33,22 @@ def test_opcheck(make, x_shape, with_bias, grad):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("x_shape", [(136,), (2, 5, 136)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_opcheck_bitmap_group(x_shape, grad):
+    ws = [bitmap_weight(n=20, seed=0)[1], bitmap_weight(n=33, seed=1)[1]]
+    x = torch.randn(*x_shape, requires_grad=grad)
+    args = (
+        x,
+        [p.bitmap for p in ws],
+        [p.values for p in ws],
+        [p.tile_offsets for p in ws],
+        [p.N for p in ws],
+        ws[0].K,
+    )
+    torch.library.opcheck(torch.ops.owl_sparse.bitmap_linear_group.default, args)
+
+
 @pytest.mark.parametrize("make", [bitmap_weight, sparse24_weight])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cpu_op_is_dense_matmul_in_fp32(make, dtype):
