@@ -194,11 +194,7 @@ def _check_group(bitmaps, values, tile_offsets, out_features) -> None:
 
 @bitmap_linear_group.register_fake
 def _bitmap_linear_group_fake(x, bitmaps, values, tile_offsets, out_features, in_features):
-    counts = (len(bitmaps), len(values), len(tile_offsets), len(out_features))
-    torch._check(
-        counts[0] >= 1 and len(set(counts)) == 1,
-        lambda: f"bitmap_linear_group: one entry per weight in each list, got {list(counts)}",
-    )
+    _check_group(bitmaps, values, tile_offsets, out_features)  # list lengths: plain ints
     for b, v, t, n in zip(bitmaps, values, tile_offsets, out_features):
         _bitmap_linear_fake(x, b, v, t, None, n, in_features)
     return x.new_empty((*x.shape[:-1], sum(out_features)))
