@@ -54,7 +54,11 @@ namespace {
 using owl_cpu::Isa;
 
 constexpr int64_t kValuesPad = 16;          // formats/bitmap.py VALUES_PAD
-constexpr int64_t kPanelBytes = 4 << 20;  // dense backend: unpacked rows per GEMM
+// The dense backend's panel (a thread's block of unpacked rows, one GEMM): torch's bf16 GEMM
+// on one thread ran 1.0-1.9x as fast per row on 192-384-row panels as on a whole 4096-row
+// weight (LLaMA-2-7B shapes, 16-256 tokens, ad hoc).
+constexpr int64_t kPanelRows = 384;
+constexpr int64_t kPanelBytes = 8 << 20;
 constexpr int64_t kDenseKernelTokens = 2;  // dense weights off the table: the kernel up to this
 
 std::atomic<int> g_forced_isa{-1};
@@ -405,30 +409,41 @@ void run_sparse(const View* ws, size_t count, int64_t unit, const XRows& x,
   }
 }
 
-// Dense: panel by panel, unpack the panel's rows (all threads), then one GEMM into y's
-// columns (torch's threads again): never more than one panel of dense weights exists.
+// Dense: each thread takes its share of the rows in blocks, unpacks a block into its own
+// panel (cache-sized, reused by every layer) and multiplies x by it with torch's GEMM on
+// that thread alone (inside the parallel region torch's GEMM runs single-threaded), into
+// y's columns of those rows: no barrier between unpacking and multiplying, the block still
+// in the core's cache when the GEMM reads it, and never more than a panel a thread of dense
+// weights.  (One shared 4 MB panel unpacked by all threads, then one two-thread GEMM per
+// panel, ran at 0.51-0.99x torch dense at 64 and 256 tokens on LLaMA-2-7B shapes, bf16,
+// weights from memory; this way 0.76-1.11x, benchmarks/bench_cpu.)
 template <class View, class Unpack>
 void run_dense(const View& w, const at::Tensor& x2d, const at::Tensor& bias, at::Tensor& y,
                const char* fmt, const Unpack& unpack) {
   const Isa isa = active_isa();
   const auto dtype = kernel_dtype(x2d.scalar_type());
-  const int64_t rows = std::clamp<int64_t>(
-      kPanelBytes / (w.k * x2d.element_size()) / 16 * 16, 16, (w.n + 15) / 16 * 16);
   const at::Tensor x = x2d.stride(1) == 1 ? x2d : x2d.contiguous();
-  thread_local Buffer buffer;
-  char* panel = static_cast<char*>(buffer.get(size_t(rows * w.k) * x.element_size()));
-  for (int64_t r0 = 0; r0 < w.n; r0 += rows) {
-    const int64_t r1 = std::min(w.n, r0 + rows);
-    over_rows(r1 - r0, 16, [&](int64_t a, int64_t b) {
-      return unpack(isa, dtype, w, r0 + a, r0 + b, panel + a * w.k * x.element_size(), w.k);
-    }, fmt);
+  const int64_t elem = x.element_size();
+  // Blocks of whole 16-row strips, at most kPanelRows rows and kPanelBytes each, as many
+  // for every thread (parallel_for gives each thread a contiguous run of them).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t strips = (w.n + 15) / 16;
+  const int64_t most = std::max<int64_t>(1, std::min(kPanelRows, kPanelBytes / (w.k * elem)) / 16);
+  const int64_t blocks = ((strips + most - 1) / most + threads - 1) / threads * threads;
+  const int64_t per = (strips + blocks - 1) / blocks;
+  over_rows(w.n, per * 16, [&](int64_t r0, int64_t r1) {
+    thread_local Buffer buffer;
+    char* panel = static_cast<char*>(buffer.get(size_t((r1 - r0) * w.k * elem)));
+    if (!unpack(isa, dtype, w, r0, r1, panel, w.k)) return false;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor p = at::from_blob(panel, {r1 - r0, w.k}, x.options());
     at::Tensor o = y.narrow(1, r0, r1 - r0);
     if (bias.defined())
       at::addmm_out(o, bias.narrow(0, r0, r1 - r0), x, p.t());
     else
       at::mm_out(o, x, p.t());
-  }
+    return true;
+  }, fmt);
 }
 
 at::Tensor output_for(const at::Tensor& x, int64_t n) {

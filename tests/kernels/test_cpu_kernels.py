@@ -97,6 +97,36 @@ def test_matches_fp64_reference(isa, dtype, fmt):
                     assert err <= TOL[dtype], (isa, fmt, backend, n, k, tokens, err)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("fmt", ["bitmap", "2:4"])
+def test_dense_backend_blocks_cover_every_row(fmt, threads):
+    """The GEMM backend splits a weight into per-thread blocks of <= 384 rows and <= 8 MB
+    unpacked: several blocks a thread, a shorter last block, the byte cap binding (K = 30000
+    fp32: 64-row blocks), and thread counts that do not divide the blocks."""
+    gen = torch.Generator().manual_seed(threads * 7 + len(fmt))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # fp32 over 30000 terms: the reference's and the GEMM's summation orders differ by
+        # ~1e-4 of |y| (2e-5 holds for the short rows above).
+        for n, k, dtype, tol in (
+            (1000, 104, torch.bfloat16, TOL[torch.bfloat16]),
+            (203, 30000, torch.float32, 3e-4),
+        ):
+            p = packed(fmt, n, k, dtype, gen)
+            dense = p.to_dense().double()
+            for tokens in (1, 3, 70):
+                x = torch.randn(tokens, k, generator=gen).to(dtype)
+                bias = torch.randn(n, generator=gen).to(dtype) if tokens != 3 else None
+                ref = x.double() @ dense.T + (0 if bias is None else bias.double())
+                with dispatch.force_backend(fmt, "dense"):
+                    y = run_op(p, x, bias)
+                err = ((y.double() - ref).abs() / (ref.abs() + 1)).max().item()
+                assert err <= tol, (fmt, n, k, tokens, err)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("isa", ISAS)
 def test_grouped_bitmap_layers_equal_separate_calls(isa, dtype):
