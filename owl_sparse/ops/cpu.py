@@ -8,8 +8,9 @@ backends:
 - ``cpu_sparse``: kernels that read the packed bytes once per call for up to 16 tokens
   (AVX-512 VBMI2 ``vpexpandw`` / AVX512_BF16 ``vdpbf16ps``, AVX2 shuffle tables, or plain
   C++, chosen from the CPU's features at run time);
-- ``dense``: 16-row strips unpacked into a cache-sized panel per thread (reused by every
-  layer: no dense copy of a layer is ever kept) and multiplied by torch's GEMM.
+- ``dense``: each thread unpacks blocks of its rows (whole 16-row strips, up to 384 rows
+  and 8 MB) into its own panel, reused by every layer (no dense copy of a layer is ever
+  kept), and multiplies x by it with torch's GEMM on that thread.
 
 The choice: a forced backend (`force`, :func:`owl_sparse.ops.dispatch.force_backend`,
 ``OWL_SPARSE_BACKEND``), else the measured table of this instruction set
