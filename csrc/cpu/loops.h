@@ -509,7 +509,8 @@ bool bitmap_unpack(const BitmapView& w, int64_t row_begin, int64_t row_end, void
         for (int r = 0; r < kTileN; ++r) {
           __builtin_prefetch(p + kPrefetchValues);
 #pragma GCC unroll 4
-          for (int k = 0; k < 4; ++k) Ops::store(Ops::decode(words[r * wpr + k], p), o + r * ldp + k * 32, 32);
+          for (int k = 0; k < 4; ++k)
+            Ops::store(Ops::decode(words[r * wpr + k], p), o + r * ldp + k * 32, 32);
         }
         if (p != vals + w.tile_offsets[tile + 1]) return false;
         continue;

@@ -416,7 +416,7 @@ void run_sparse(const View* ws, size_t count, int64_t unit, const XRows& x,
 // in the core's cache when the GEMM reads it, and never more than a panel a thread of dense
 // weights.  (One shared 4 MB panel unpacked by all threads, then one two-thread GEMM per
 // panel, ran at 0.51-0.99x torch dense at 64 and 256 tokens on LLaMA-2-7B shapes, bf16,
-// weights from memory; this way 0.76-1.11x, benchmarks/bench_cpu.)
+// weights from memory; this way 0.76-1.10x: benchmarks/results/cpu-kernels-2026-12-07d.)
 template <class View, class Unpack>
 void run_dense(const View& w, const at::Tensor& x2d, const at::Tensor& bias, at::Tensor& y,
                const char* fmt, const Unpack& unpack) {
