@@ -65,6 +65,19 @@ struct Pair {  // 32 weights as two fp32 vectors (columns 0-15, 16-31)
   __m512 lo, hi;
 };
 
+// The first cols (<= 32) of a pair's weights to out.  A masked store is slow on some CPUs
+// (Zen 4): only the last, partial word uses one.
+inline void store_pair(const Pair& w, float* out, int cols) {
+  if (cols == 32) {
+    _mm512_storeu_ps(out, w.lo);
+    _mm512_storeu_ps(out + 16, w.hi);
+    return;
+  }
+  const __mmask32 keep = first(cols);
+  _mm512_mask_storeu_ps(out, __mmask16(keep & 0xffffu), w.lo);
+  _mm512_mask_storeu_ps(out + 16, __mmask16(keep >> 16), w.hi);
+}
+
 struct Base {
   using Acc = __m512;
   static constexpr int kMaxAcc = 16;
@@ -108,6 +121,7 @@ struct Widened : Base {
     acc = _mm512_fmadd_ps(w.lo, _mm512_loadu_ps(x), acc);
     acc = _mm512_fmadd_ps(w.hi, _mm512_loadu_ps(x + 16), acc);
   }
+  static void store_f32(const W& w, float* out, int cols) { store_pair(w, out, cols); }
 };
 
 #if OWL_BF16DOT
@@ -130,6 +144,7 @@ using Bf16Ops = Widened<DType::kBFloat16>;
 
 struct Copy16 {
   using VT = uint16_t;
+  using OT = VT;
   using W = __m512i;
   static W decode(uint32_t m, const VT*& p) { return expand16<false>(m, p); }
   static W decode_exact(uint32_t m, const VT*& p) { return expand16<true>(m, p); }
@@ -144,6 +159,7 @@ struct Copy16 {
 
 struct Copy32 {
   using VT = float;
+  using OT = VT;
   using W = Pair;
   template <bool Exact>
   static W decode_as(uint32_t m, const VT*& p) {
@@ -152,21 +168,13 @@ struct Copy32 {
   }
   static W decode(uint32_t m, const VT*& p) { return decode_as<false>(m, p); }
   static W decode_exact(uint32_t m, const VT*& p) { return decode_as<true>(m, p); }
-  static void store(const W& w, VT* out, int cols) {
-    if (cols == 32) {
-      _mm512_storeu_ps(out, w.lo);
-      _mm512_storeu_ps(out + 16, w.hi);
-      return;
-    }
-    const __mmask32 keep = first(cols);
-    _mm512_mask_storeu_ps(out, __mmask16(keep & 0xffffu), w.lo);
-    _mm512_mask_storeu_ps(out + 16, __mmask16(keep >> 16), w.hi);
-  }
+  static void store(const W& w, VT* out, int cols) { store_pair(w, out, cols); }
 };
 
 }  // namespace
 
-OWL_CPU_ENTRY_POINTS(Widened<DType::kFloat32>, Widened<DType::kFloat16>, Bf16Ops, Copy32, Copy16)
+OWL_CPU_ENTRY_POINTS(Widened<DType::kFloat32>, Widened<DType::kFloat16>, Bf16Ops, Copy32, Copy16,
+                     Widened<DType::kFloat16>, Widened<DType::kBFloat16>)
 
 }  // namespace OWL_NS
 }  // namespace owl_cpu

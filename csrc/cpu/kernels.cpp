@@ -18,8 +18,8 @@ namespace owl_cpu {
                        int64_t, int64_t, int64_t);                                             \
   bool dense_linear(DType, const DenseView&, const Activations&, const void*, void*, int64_t,  \
                     int64_t, int64_t);                                                         \
-  bool bitmap_unpack(DType, const BitmapView&, int64_t, int64_t, void*, int64_t);             \
-  bool sparse24_unpack(DType, const Sparse24View&, int64_t, int64_t, void*, int64_t);         \
+  bool bitmap_unpack(DType, const BitmapView&, int64_t, int64_t, void*, int64_t, bool);       \
+  bool sparse24_unpack(DType, const Sparse24View&, int64_t, int64_t, void*, int64_t, bool);   \
   }
 OWL_DECLARE_ISA(portable)
 #if defined(__x86_64__)
@@ -121,13 +121,13 @@ bool dense_linear(Isa isa, DType dtype, const DenseView& w, const Activations& x
 }
 
 bool bitmap_unpack(Isa isa, DType dtype, const BitmapView& w, int64_t row_begin,
-                   int64_t row_end, void* panel, int64_t ldp) {
-  OWL_SWITCH(bitmap_unpack(dtype, w, row_begin, row_end, panel, ldp))
+                   int64_t row_end, void* panel, int64_t ldp, bool widen) {
+  OWL_SWITCH(bitmap_unpack(dtype, w, row_begin, row_end, panel, ldp, widen))
 }
 
 bool sparse24_unpack(Isa isa, DType dtype, const Sparse24View& w, int64_t row_begin,
-                     int64_t row_end, void* panel, int64_t ldp) {
-  OWL_SWITCH(sparse24_unpack(dtype, w, row_begin, row_end, panel, ldp))
+                     int64_t row_end, void* panel, int64_t ldp, bool widen) {
+  OWL_SWITCH(sparse24_unpack(dtype, w, row_begin, row_end, panel, ldp, widen))
 }
 #undef OWL_SWITCH
 

@@ -94,11 +94,12 @@ bool sparse24_linear(Isa isa, DType dtype, const Sparse24View& w, const Activati
 bool dense_linear(Isa isa, DType dtype, const DenseView& w, const Activations& x,
                   const void* bias, void* y, int64_t ldy, int64_t row_begin, int64_t row_end);
 
-// Dense rows [row_begin, row_end) of W into panel (row stride ldp >= K, dtype); columns
-// beyond K are not written.  bitmap: row_begin % 16 == 0.
+// Dense rows [row_begin, row_end) of W into panel (row stride ldp >= K); columns beyond K
+// are not written.  The panel holds dtype, or fp32 where `widen` (16-bit values widened, for
+// CPUs whose 16-bit GEMM in torch is slow; ignored for fp32).  bitmap: row_begin % 16 == 0.
 bool bitmap_unpack(Isa isa, DType dtype, const BitmapView& w, int64_t row_begin,
-                   int64_t row_end, void* panel, int64_t ldp);
+                   int64_t row_end, void* panel, int64_t ldp, bool widen);
 bool sparse24_unpack(Isa isa, DType dtype, const Sparse24View& w, int64_t row_begin,
-                     int64_t row_end, void* panel, int64_t ldp);
+                     int64_t row_end, void* panel, int64_t ldp, bool widen);
 
 }  // namespace owl_cpu

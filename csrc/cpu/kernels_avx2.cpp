@@ -93,12 +93,22 @@ struct Ops {
   static void fma(Acc& acc, const W& w, const XT* x) {
     for (int j = 0; j < 4; ++j) acc = _mm256_fmadd_ps(w.q[j], _mm256_loadu_ps(x + 8 * j), acc);
   }
+  static void store_f32(const W& w, float* out, int cols) {
+    if (cols == 32) {
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + 8 * j, w.q[j]);
+      return;
+    }
+    alignas(32) float buf[32];
+    for (int j = 0; j < 4; ++j) _mm256_store_ps(buf + 8 * j, w.q[j]);
+    std::memcpy(out, buf, size_t(cols) * 4);
+  }
 };
 
 // Unpacking: the values as stored (16-bit) or zero-filled fp32, 8 columns at a time.
 template <bool Wide>
 struct Copy {
   using VT = std::conditional_t<Wide, float, uint16_t>;
+  using OT = VT;
   struct W {
     VT v[32];
   };
@@ -131,7 +141,7 @@ struct Copy {
 }  // namespace
 
 OWL_CPU_ENTRY_POINTS(Ops<DType::kFloat32>, Ops<DType::kFloat16>, Ops<DType::kBFloat16>, Copy<true>,
-                     Copy<false>)
+                     Copy<false>, Ops<DType::kFloat16>, Ops<DType::kBFloat16>)
 
 }  // namespace avx2
 }  // namespace owl_cpu

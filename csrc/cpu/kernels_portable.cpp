@@ -53,11 +53,13 @@ struct Ops {
     for (int j = 0; j < 32; ++j) s += w.v[j] * x[j];
     acc += s;
   }
+  static void store_f32(const W& w, float* out, int cols) { std::memcpy(out, w.v, size_t(cols) * 4); }
 };
 
 template <class T>
 struct Copy {
   using VT = T;
+  using OT = T;
   struct W {
     T v[32];
   };
@@ -73,7 +75,7 @@ struct Copy {
 }  // namespace
 
 OWL_CPU_ENTRY_POINTS(Ops<DType::kFloat32>, Ops<DType::kFloat16>, Ops<DType::kBFloat16>,
-                     Copy<float>, Copy<uint16_t>)
+                     Copy<float>, Copy<uint16_t>, Ops<DType::kFloat16>, Ops<DType::kBFloat16>)
 
 }  // namespace portable
 }  // namespace owl_cpu

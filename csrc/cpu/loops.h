@@ -13,9 +13,13 @@
 //   load(p)                          the 32 weights p[0:32] of a dense row (no mask)
 //   fma(acc, w, x)                   acc += w . x[0:32]
 //
-// and, for unpacking, a copy type per value width (Copy16, Copy32) with VT, W, decode,
-// decode_exact and store(w, out, cols), which writes the first cols (<= 32) weights as
-// they are stored (no conversion).
+//   store_f32(w, out, cols)          (XT = float only) writes the first cols (<= 32) of
+//                                    the decoded weights to out as fp32
+//
+// and, for unpacking, a copy type per value width (Copy16, Copy32) with VT, OT (= VT), W,
+// decode, decode_exact and store(w, out, cols), which writes the first cols (<= 32)
+// weights as they are stored (no conversion); WidenCopy below makes one that writes 16-bit
+// values as fp32 from the Ops of their dtype.
 #pragma once
 
 #include <algorithm>
@@ -482,6 +486,17 @@ struct Sp24Run {
   static bool run(A&&... a) { return sp24_span<Ops, T>(a...); }
 };
 
+// The copy type that unpacks 16-bit values of an Ops (XT = float) into an fp32 panel.
+template <class Ops>
+struct WidenCopy {
+  using VT = typename Ops::VT;
+  using OT = float;
+  using W = typename Ops::W;
+  static W decode(uint32_t m, const VT*& p) { return Ops::decode(m, p); }
+  static W decode_exact(uint32_t m, const VT*& p) { return Ops::decode_exact(m, p); }
+  static void store(const W& w, float* out, int cols) { Ops::store_f32(w, out, cols); }
+};
+
 template <class Ops>
 bool bitmap_unpack(const BitmapView& w, int64_t row_begin, int64_t row_end, void* panel,
                    int64_t ldp) {
@@ -489,7 +504,7 @@ bool bitmap_unpack(const BitmapView& w, int64_t row_begin, int64_t row_end, void
   const auto* bm = reinterpret_cast<const uint32_t*>(w.bitmap);
   const auto* vals = static_cast<const typename Ops::VT*>(w.values);
   const typename Ops::VT* end = vals + w.nnz();
-  auto* out = static_cast<typename Ops::VT*>(panel);
+  auto* out = static_cast<typename Ops::OT*>(panel);
   for (int64_t s = row_begin / kTileN; s * kTileN < row_end; ++s) {
     // The next strip's bitmap, 256 bytes a tile, fetched while this one is read, and the
     // values ahead in each row, as in bitmap_rows (without them: 2.2 ns a word, one thread,
@@ -505,7 +520,7 @@ bool bitmap_unpack(const BitmapView& w, int64_t row_begin, int64_t row_end, void
         // A whole tile of whole words, far from the values' end: no checks a word (the
         // tile's end is checked below).
         const uint32_t* words = bm + s * kTileN * wpr + ct * 4;
-        typename Ops::VT* o = out + (s * kTileN - row_begin) * ldp + ct * kTileK;
+        typename Ops::OT* o = out + (s * kTileN - row_begin) * ldp + ct * kTileK;
         for (int r = 0; r < kTileN; ++r) {
           __builtin_prefetch(p + kPrefetchValues);
 #pragma GCC unroll 4
@@ -539,7 +554,7 @@ bool sp24_unpack(const Sparse24View& w, int64_t row_begin, int64_t row_end, void
                  int64_t ldp) {
   const int64_t k = w.k, mb = (k + 7) / 8, half = k / 2;
   const auto* vals = static_cast<const typename Ops::VT*>(w.values);
-  auto* out = static_cast<typename Ops::VT*>(panel);
+  auto* out = static_cast<typename Ops::OT*>(panel);
   for (int64_t n = row_begin; n < row_end; ++n) {
     const typename Ops::VT* p = vals + n * half;
     for (int64_t col = 0; col < k; col += 32) {
@@ -557,8 +572,9 @@ bool sp24_unpack(const Sparse24View& w, int64_t row_begin, int64_t row_end, void
 }  // namespace loops
 }  // namespace
 
-// The five entry points of one ISA, given its Ops per dtype (F32, F16, BF16).
-#define OWL_CPU_ENTRY_POINTS(F32, F16, BF16, COPY32, COPY16)                                                    \
+// The five entry points of one ISA, given its Ops per dtype (F32, F16, BF16), its copy types
+// and the Ops (XT = float) that widen fp16 and bf16 values for unpacking.
+#define OWL_CPU_ENTRY_POINTS(F32, F16, BF16, COPY32, COPY16, WIDE16, WIDEBF16)                                                  \
   bool bitmap_linear(DType dtype, const BitmapView& w, const Activations& x, const void* bias, \
                      void* y, int64_t ldy, int64_t r0, int64_t r1, int32_t* scratch) {         \
     if (dtype == DType::kFloat32)                                                               \
@@ -587,14 +603,20 @@ bool sp24_unpack(const Sparse24View& w, int64_t row_begin, int64_t row_end, void
       return loops::by_tokens<BF16, loops::DenseRun>(x.tokens, dtype, w, x, bias, y, ldy, r0, r1);   \
   }                                                                                             \
   bool bitmap_unpack(DType dtype, const BitmapView& w, int64_t r0, int64_t r1, void* panel,     \
-                     int64_t ldp) {                                                             \
+                     int64_t ldp, bool widen) {                                                 \
     if (dtype == DType::kFloat32) return loops::bitmap_unpack<COPY32>(w, r0, r1, panel, ldp);   \
-    return loops::bitmap_unpack<COPY16>(w, r0, r1, panel, ldp);                                 \
+    if (!widen) return loops::bitmap_unpack<COPY16>(w, r0, r1, panel, ldp);                     \
+    if (dtype == DType::kFloat16)                                                               \
+      return loops::bitmap_unpack<loops::WidenCopy<WIDE16>>(w, r0, r1, panel, ldp);             \
+    return loops::bitmap_unpack<loops::WidenCopy<WIDEBF16>>(w, r0, r1, panel, ldp);             \
   }                                                                                             \
   bool sparse24_unpack(DType dtype, const Sparse24View& w, int64_t r0, int64_t r1, void* panel, \
-                       int64_t ldp) {                                                           \
+                       int64_t ldp, bool widen) {                                               \
     if (dtype == DType::kFloat32) return loops::sp24_unpack<COPY32>(w, r0, r1, panel, ldp);     \
-    return loops::sp24_unpack<COPY16>(w, r0, r1, panel, ldp);                                   \
+    if (!widen) return loops::sp24_unpack<COPY16>(w, r0, r1, panel, ldp);                       \
+    if (dtype == DType::kFloat16)                                                               \
+      return loops::sp24_unpack<loops::WidenCopy<WIDE16>>(w, r0, r1, panel, ldp);               \
+    return loops::sp24_unpack<loops::WidenCopy<WIDEBF16>>(w, r0, r1, panel, ldp);               \
   }
 
 }  // namespace owl_cpu

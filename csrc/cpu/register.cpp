@@ -15,6 +15,10 @@
 //   owl_sparse_cpu::unpack_bitmap(bitmap, values, tile_offsets, int n, int k) -> Tensor
 //   owl_sparse_cpu::unpack_sparse24(values, meta) -> Tensor
 //   owl_sparse_cpu::set_poison(bool on) -> ()    tests: outputs start as NaN
+//   owl_sparse_cpu::set_wide_panels(bool f16, bool bf16) -> ()
+//                                                the GEMM backend widens 16-bit weights to
+//                                                fp32 panels (where torch's GEMM in that
+//                                                dtype is slow); wide_panels() -> int[2]
 //   owl_sparse_cpu::backend_calls() -> int[]     kernel / gemm calls so far for bitmap, 2:4
 //                                                and dense (six counters, in that order)
 //   owl_sparse_cpu::read_bandwidth(Tensor t, int repeats) -> float   GB/s reading t
@@ -63,6 +67,16 @@ constexpr int64_t kDenseKernelTokens = 2;  // dense weights off the table: the k
 
 std::atomic<int> g_forced_isa{-1};
 std::atomic<bool> g_poison{false};  // tests: fill outputs with NaN before the kernels write
+// The GEMM backend's panels for fp16 and bf16 weights: widened to fp32 (and x with them)
+// where torch's GEMM in that dtype is slow on this CPU.  Python sets them from torch's own
+// test (owl_sparse/ops/cpu.py); off until then.
+std::atomic<bool> g_widen_f16{false}, g_widen_bf16{false};
+
+bool widened(at::ScalarType t) {
+  if (t == at::kHalf) return g_widen_f16.load(std::memory_order_relaxed);
+  if (t == at::kBFloat16) return g_widen_bf16.load(std::memory_order_relaxed);
+  return false;
+}
 constexpr int kFormats = 3;  // bitmap, 2:4, dense
 std::atomic<int> g_forced_backend[kFormats] = {{-1}, {-1}, {-1}};  // -1 table, 0 kernel, 1 gemm
 // Calls per (format, backend) since the library loaded: which backend really ran.
@@ -417,12 +431,19 @@ void run_sparse(const View* ws, size_t count, int64_t unit, const XRows& x,
 // weights.  (One shared 4 MB panel unpacked by all threads, then one two-thread GEMM per
 // panel, ran at 0.51-0.99x torch dense at 64 and 256 tokens on LLaMA-2-7B shapes, bf16,
 // weights from memory; this way 0.76-1.10x: benchmarks/results/cpu-kernels-2026-12-07d.)
+// Where 16-bit weights are widened (widened()), the panel, x and the GEMM are fp32, its
+// output [T, rows] goes to a second per-thread buffer, and is rounded once into y (torch's
+// bf16 GEMM on a 2-core Zen 3 without AVX-512: 16 GFLOP/s against 92 in fp32, 4096 x 4096,
+// 256 tokens).  unpack(isa, dtype, w, r0, r1, panel, ldp, widen) fills the panel.
 template <class View, class Unpack>
 void run_dense(const View& w, const at::Tensor& x2d, const at::Tensor& bias, at::Tensor& y,
                const char* fmt, const Unpack& unpack) {
   const Isa isa = active_isa();
   const auto dtype = kernel_dtype(x2d.scalar_type());
-  const at::Tensor x = x2d.stride(1) == 1 ? x2d : x2d.contiguous();
+  const bool widen = widened(x2d.scalar_type());
+  const at::Tensor x = widen ? x2d.to(at::kFloat).contiguous()
+                             : (x2d.stride(1) == 1 ? x2d : x2d.contiguous());
+  const at::Tensor b = widen && bias.defined() ? bias.to(at::kFloat) : bias;
   const int64_t elem = x.element_size();
   // Blocks of whole 16-row strips, at most kPanelRows rows and kPanelBytes each, as many
   // for every thread (parallel_for gives each thread a contiguous run of them).
@@ -434,14 +455,24 @@ void run_dense(const View& w, const at::Tensor& x2d, const at::Tensor& bias, at:
   over_rows(w.n, per * 16, [&](int64_t r0, int64_t r1) {
     thread_local Buffer buffer;
     char* panel = static_cast<char*>(buffer.get(size_t((r1 - r0) * w.k * elem)));
-    if (!unpack(isa, dtype, w, r0, r1, panel, w.k)) return false;
+    if (!unpack(isa, dtype, w, r0, r1, panel, w.k, widen)) return false;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor p = at::from_blob(panel, {r1 - r0, w.k}, x.options());
     at::Tensor o = y.narrow(1, r0, r1 - r0);
-    if (bias.defined())
-      at::addmm_out(o, bias.narrow(0, r0, r1 - r0), x, p.t());
-    else
+    if (widen) {
+      thread_local Buffer out_buffer;
+      at::Tensor o32 = at::from_blob(out_buffer.get(size_t(x.size(0) * (r1 - r0) * 4)),
+                                     {x.size(0), r1 - r0}, x.options());
+      if (b.defined())
+        at::addmm_out(o32, b.narrow(0, r0, r1 - r0), x, p.t());
+      else
+        at::mm_out(o32, x, p.t());
+      o.copy_(o32);
+    } else if (b.defined()) {
+      at::addmm_out(o, b.narrow(0, r0, r1 - r0), x, p.t());
+    } else {
       at::mm_out(o, x, p.t());
+    }
     return true;
   }, fmt);
 }
@@ -568,6 +599,21 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight,
   const XRows xr = rows_of(x, w.k);
   if (xr.rows == 0) return output_for(x, w.n);
   if (counted(2, choose_fast(2, xr.dtype, w.n, w.k, xr.rows, 0.0)) == 1) {
+    if (widened(xr.dtype)) {
+      // Blocks of rows widened to fp32 panels, as for packed weights (no fp32 copy of the
+      // whole weight).
+      at::Tensor y = output_for(x, w.n);
+      at::Tensor y2d = y.view({-1, w.n});
+      run_dense(w, as_2d(xr, x), b, y2d, "dense",
+                [&wc](Isa, owl_cpu::DType, const owl_cpu::DenseView&, int64_t r0, int64_t r1,
+                      void* panel, int64_t ldp, bool) {
+                  at::from_blob(panel, {r1 - r0, wc.size(1)}, {ldp, 1},
+                                wc.options().dtype(at::kFloat))
+                      .copy_(wc.narrow(0, r0, r1 - r0));
+                  return true;
+                });
+      return y;
+    }
     // Contiguous, as the fake implementation says (the compiled decode step does not check
     // its ops' output strides at run time).
     return at::linear(x, wc, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt)
@@ -589,7 +635,8 @@ at::Tensor unpack_bitmap(const at::Tensor& bitmap, const at::Tensor& values,
   const auto dtype = kernel_dtype(values.scalar_type());
   over_rows(n, 16, [&](int64_t r0, int64_t r1) {
     return owl_cpu::bitmap_unpack(isa, dtype, w, r0, r1,
-                                  static_cast<char*>(out.data_ptr()) + r0 * k * out.element_size(), k);
+                                  static_cast<char*>(out.data_ptr()) + r0 * k * out.element_size(), k,
+                                  false);
   }, "bitmap");
   return out;
 }
@@ -602,7 +649,7 @@ at::Tensor unpack_sparse24(const at::Tensor& values, const at::Tensor& meta) {
   over_rows(w.n, 16, [&](int64_t r0, int64_t r1) {
     return owl_cpu::sparse24_unpack(isa, dtype, w, r0, r1,
                                     static_cast<char*>(out.data_ptr()) + r0 * w.k * out.element_size(),
-                                    w.k);
+                                    w.k, false);
   }, "2:4");
   return out;
 }
@@ -637,6 +684,13 @@ void set_isa(const std::string& name) {
 }
 
 void set_poison(bool on) { g_poison.store(on); }
+
+void set_wide_panels(bool f16, bool bf16) {
+  g_widen_f16.store(f16);
+  g_widen_bf16.store(bf16);
+}
+
+std::vector<int64_t> wide_panels() { return {g_widen_f16.load(), g_widen_bf16.load()}; }
 
 std::vector<int64_t> backend_calls() {
   std::vector<int64_t> out;
@@ -713,6 +767,8 @@ TORCH_LIBRARY(owl_sparse_cpu, m) {
         &unpack_bitmap);
   m.def("unpack_sparse24(Tensor values, Tensor meta) -> Tensor", &unpack_sparse24);
   m.def("set_poison(bool on) -> ()", &set_poison);
+  m.def("set_wide_panels(bool f16, bool bf16) -> ()", &set_wide_panels);
+  m.def("wide_panels() -> int[]", &wide_panels);
   m.def("backend_calls() -> int[]", &backend_calls);
   m.def("read_bandwidth(Tensor t, int repeats) -> float", &read_bandwidth);
 }

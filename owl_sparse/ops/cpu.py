@@ -10,7 +10,9 @@ backends:
   C++, chosen from the CPU's features at run time);
 - ``dense``: each thread unpacks blocks of its rows (whole 16-row strips, up to 384 rows
   and 8 MB) into its own panel, reused by every layer (no dense copy of a layer is ever
-  kept), and multiplies x by it with torch's GEMM on that thread.
+  kept), and multiplies x by it with torch's GEMM on that thread.  Where torch's GEMM in
+  fp16 or bf16 is slow on this CPU (it has no oneDNN path for that dtype: no AVX-512, say),
+  16-bit weights are widened to fp32 panels and multiplied in fp32 (:func:`wide_panels`).
 
 The choice: a forced backend (`force`, :func:`owl_sparse.ops.dispatch.force_backend`,
 ``OWL_SPARSE_BACKEND``), else the measured table of this instruction set
@@ -206,7 +208,40 @@ def _configure() -> None:
     for fmt in _FORMATS:
         forced = settings.get().forced_backend(fmt)
         lib.set_backend(fmt, BACKENDS.get(forced, "") if forced else "")
+    lib.set_wide_panels(not _fast_gemm(torch.float16), not _fast_gemm(torch.bfloat16))
     push_table()
+
+
+def _fast_gemm(dtype: torch.dtype) -> bool:
+    """Whether torch multiplies ``dtype`` matrices with oneDNN on this CPU (else with a
+    generic loop: bf16 16 GFLOP/s against fp32's 92 on a 2-core Zen 3, 4096 x 4096 x 256)."""
+    test = {
+        torch.float16: "_is_mkldnn_fp16_supported",
+        torch.bfloat16: "_is_mkldnn_bf16_supported",
+    }[dtype]
+    check = getattr(torch.ops.mkldnn, test, None)
+    if check is None or not torch.backends.mkldnn.is_available():
+        return False
+    return bool(check())
+
+
+def wide_panels() -> dict[torch.dtype, bool]:
+    """Per 16-bit dtype, whether the GEMM backend widens its panels to fp32 on this CPU."""
+    if not available():
+        raise RuntimeError(f"owl-sparse CPU kernels unavailable: {_state['error']}")
+    f16, bf16 = torch.ops.owl_sparse_cpu.wide_panels()
+    return {torch.float16: bool(f16), torch.bfloat16: bool(bf16)}
+
+
+@contextlib.contextmanager
+def use_wide_panels(on: bool):
+    """Widen (or not) 16-bit panels of the GEMM backend inside the block (tests, benchmarks)."""
+    before = wide_panels()
+    torch.ops.owl_sparse_cpu.set_wide_panels(on, on)
+    try:
+        yield
+    finally:
+        torch.ops.owl_sparse_cpu.set_wide_panels(before[torch.float16], before[torch.bfloat16])
 
 
 def isa() -> str:

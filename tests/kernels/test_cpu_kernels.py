@@ -127,6 +127,47 @@ def test_dense_backend_blocks_cover_every_row(fmt, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gemm_backend_with_and_without_wide_panels(dtype, wide):
+    """The GEMM backend on 16-bit weights, with fp32 panels (CPUs whose 16-bit GEMM in torch
+    is slow) and without: bitmap, 2:4 and dense (nn.Linear) weights, every instruction set,
+    one and two threads, bias or not, a non-contiguous x, a last block shorter than the rest."""
+    gen = torch.Generator().manual_seed(int(wide) * 2 + (dtype == torch.float16))
+    before = torch.get_num_threads()
+    try:
+        with cpu.use_wide_panels(wide):
+            assert cpu.wide_panels() == {torch.float16: wide, torch.bfloat16: wide}
+            for isa in ISAS:
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    with cpu.use_isa(isa):
+                        for n, k in ((1, 8), (33, 300), (400, 136)):
+                            weights = {f: packed(f, n, k, dtype, gen) for f in ("bitmap", "2:4")}
+                            for tokens in (1, 20):
+                                x = torch.randn(tokens, 2 * k, generator=gen).to(dtype)[:, ::2]
+                                bias = torch.randn(n, generator=gen).to(dtype) if tokens > 1 else None
+                                for fmt, p in weights.items():
+                                    dense = p.to_dense()
+                                    ref = x.double() @ dense.double().T
+                                    ref = ref + (0 if bias is None else bias.double())
+                                    with dispatch.force_backend(fmt, "dense"):
+                                        y = run_op(p, x, bias)
+                                    with cpu.force_dense("torch"):
+                                        yd = torch.ops.owl_sparse.dense_linear(x, dense, bias)
+                                    for out in (y, yd):
+                                        assert out.shape == (tokens, n) and out.dtype == dtype
+                                        err = ((out.double() - ref).abs() / (ref.abs() + 1)).max()
+                                        assert err.item() <= TOL[dtype], (isa, fmt, n, k, tokens)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_wide_panels_follow_torchs_own_16bit_gemm():
+    """By default a 16-bit dtype is widened exactly where torch has no oneDNN GEMM for it."""
+    assert cpu.wide_panels() == {d: not cpu._fast_gemm(d) for d in (torch.float16, torch.bfloat16)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("isa", ISAS)
 def test_grouped_bitmap_layers_equal_separate_calls(isa, dtype):
