@@ -22,14 +22,33 @@ struct Tables {
   // AVX2: vpshufb controls (both 128-bit lanes reading the same 8 packed bf16 values) that
   // place one mask byte's values as fp32 (bf16 in the upper half, zero below), 8 lanes.
   uint8_t bf16to32[256][32];
-  constexpr Tables() : meta24(), expand16(), expand32(), bf16to32() {
+  // AVX2, 2:4: vpshufb controls placing the 4 bf16 values of one meta byte (8 bytes,
+  // broadcast to every 64-bit lane) as fp32 under their columns (lane g: group g, its two
+  // values in column order), and the popcount of the byte's mask (4 unless an index repeats).
+  uint8_t sp24to32[256][32];
+  uint8_t pop24[256];
+  constexpr Tables() : meta24(), expand16(), expand32(), bf16to32(), sp24to32(), pop24() {
     for (int b = 0; b < 256; ++b) {
       int m = 0;
       for (int g = 0; g < 2; ++g) {
         const int nib = (b >> (4 * g)) & 0xf;
         m |= ((1 << (nib & 3)) | (1 << (nib >> 2))) << (4 * g);
+        const int i0 = nib & 3, i1 = nib >> 2;
+        const int lo = i0 < i1 ? i0 : i1, hi = i0 < i1 ? i1 : i0;
+        for (int j = 0; j < 4; ++j) {
+          uint8_t* c = sp24to32[b] + 16 * g + 4 * j;
+          c[0] = c[1] = c[2] = c[3] = uint8_t(0x80);
+          if (j == lo || j == hi) {
+            const int v = 2 * g + (j == lo ? 0 : 1);  // the value's index among the byte's 4
+            c[2] = uint8_t(2 * v);
+            c[3] = uint8_t(2 * v + 1);
+          }
+        }
       }
       meta24[b] = uint8_t(m);
+      int bits = 0;
+      for (int j = 0; j < 8; ++j) bits += (m >> j) & 1;
+      pop24[b] = uint8_t(bits);
       int rank = 0;
       for (int j = 0; j < 8; ++j) {
         const bool on = (b >> j) & 1;

@@ -80,6 +80,28 @@ struct Ops {
   }
   static W decode(uint32_t m, const VT*& p) { return decode_with(m, p, false); }
   static W decode_exact(uint32_t m, const VT*& p) { return decode_with(m, p, true); }
+  // A whole 2:4 word (4 meta bytes, its 16 values at p); bits += its mask's popcount (16
+  // unless a group repeats an index).  bf16: each meta byte's 4 values (8 bytes, exactly
+  // those) broadcast, one vpshufb places them as fp32 (no mask, popcount or pointer chain).
+  static W decode24(const uint8_t* meta, const VT* p, uint32_t& bits) {
+    W w;
+    if constexpr (D == DType::kBFloat16) {
+      for (int j = 0; j < 4; ++j) {
+        int64_t q;
+        std::memcpy(&q, p + 4 * j, 8);
+        bits += kTables.pop24[meta[j]];
+        w.q[j] = _mm256_castsi256_ps(_mm256_shuffle_epi8(
+            _mm256_set1_epi64x(q),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTables.sp24to32[meta[j]]))));
+      }
+    } else {
+      uint32_t m = 0;
+      for (int j = 0; j < 4; ++j) m |= uint32_t(kTables.meta24[meta[j]]) << (8 * j);
+      bits += uint32_t(__builtin_popcount(m));
+      w = decode_exact(m, p);
+    }
+    return w;
+  }
   static W load(const VT* p) {
     W w;
     for (int j = 0; j < 4; ++j) {

@@ -324,6 +324,13 @@ void rows_words(int64_t c0, int64_t c1, const typename Ops::XT* x, const Word& w
 // chained through the popcounts before it.
 // False when a group's two indices are not distinct (its mask then has fewer bits than the
 // two values it stores): such a weight is corrupt, and the result would be wrong.
+// Whether Ops decodes a 2:4 word from its meta bytes itself (decode24), else the words go
+// through the 32-bit column mask (meta24_word) and decode_exact.
+template <class Ops, class = void>
+struct HasDecode24 : std::false_type {};
+template <class Ops>
+struct HasDecode24<Ops, std::void_t<decltype(&Ops::decode24)>> : std::true_type {};
+
 template <class Ops>
 struct Sp24Words {
   using VT = typename Ops::VT;
@@ -334,6 +341,8 @@ struct Sp24Words {
   int64_t k, mb = (k + 7) / 8, half = k / 2, full = k / 32;
   // Row n's whole word c; its popcount added to bits (16 a word unless a group is corrupt).
   typename Ops::W word(int64_t n, int64_t c, uint32_t& bits) const {
+    if constexpr (HasDecode24<Ops>::value)
+      return Ops::decode24(meta + n * mb + c * 4, vals + n * half + c * 16, bits);
     const uint32_t m = meta24_word(meta + n * mb + c * 4);
     bits += uint32_t(__builtin_popcount(m));
     const VT* p = vals + n * half + c * 16;

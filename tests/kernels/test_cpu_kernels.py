@@ -4,6 +4,8 @@ on awkward shapes, with outputs poisoned (NaN) before each run."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -135,30 +137,26 @@ def test_gemm_backend_with_and_without_wide_panels(dtype, wide):
     one and two threads, bias or not, a non-contiguous x, a last block shorter than the rest."""
     gen = torch.Generator().manual_seed(int(wide) * 2 + (dtype == torch.float16))
     before = torch.get_num_threads()
+    cases = itertools.product(ISAS, (1, 2), ((1, 8), (33, 300), (400, 136)), (1, 20))
     try:
         with cpu.use_wide_panels(wide):
             assert cpu.wide_panels() == {torch.float16: wide, torch.bfloat16: wide}
-            for isa in ISAS:
-                for threads in (1, 2):
-                    torch.set_num_threads(threads)
-                    with cpu.use_isa(isa):
-                        for n, k in ((1, 8), (33, 300), (400, 136)):
-                            weights = {f: packed(f, n, k, dtype, gen) for f in ("bitmap", "2:4")}
-                            for tokens in (1, 20):
-                                x = torch.randn(tokens, 2 * k, generator=gen).to(dtype)[:, ::2]
-                                bias = torch.randn(n, generator=gen).to(dtype) if tokens > 1 else None
-                                for fmt, p in weights.items():
-                                    dense = p.to_dense()
-                                    ref = x.double() @ dense.double().T
-                                    ref = ref + (0 if bias is None else bias.double())
-                                    with dispatch.force_backend(fmt, "dense"):
-                                        y = run_op(p, x, bias)
-                                    with cpu.force_dense("torch"):
-                                        yd = torch.ops.owl_sparse.dense_linear(x, dense, bias)
-                                    for out in (y, yd):
-                                        assert out.shape == (tokens, n) and out.dtype == dtype
-                                        err = ((out.double() - ref).abs() / (ref.abs() + 1)).max()
-                                        assert err.item() <= TOL[dtype], (isa, fmt, n, k, tokens)
+            for isa, threads, (n, k), tokens in cases:
+                torch.set_num_threads(threads)
+                x = torch.randn(tokens, 2 * k, generator=gen).to(dtype)[:, ::2]
+                bias = torch.randn(n, generator=gen).to(dtype) if tokens > 1 else None
+                for fmt in ("bitmap", "2:4"):
+                    p = packed(fmt, n, k, dtype, gen)
+                    dense = p.to_dense()
+                    ref = x.double() @ dense.double().T + (0 if bias is None else bias.double())
+                    with cpu.use_isa(isa), dispatch.force_backend(fmt, "dense"):
+                        y = run_op(p, x, bias)
+                    with cpu.use_isa(isa), cpu.force_dense("torch"):
+                        yd = torch.ops.owl_sparse.dense_linear(x, dense, bias)
+                    for out in (y, yd):
+                        assert out.shape == (tokens, n) and out.dtype == dtype
+                        err = ((out.double() - ref).abs() / (ref.abs() + 1)).max().item()
+                        assert err <= TOL[dtype], (isa, threads, fmt, n, k, tokens, err)
     finally:
         torch.set_num_threads(before)
 
@@ -257,15 +255,18 @@ def test_corrupt_bitmap_is_an_error_not_an_answer(backend, tokens):
         torch.ops.owl_sparse.bitmap_linear(x, p.bitmap, p.values, offsets, None, 40, 300)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)  # bf16 on AVX2: its own 2:4 decode
 @pytest.mark.parametrize("tokens", [1, 6])  # one row at a time, and rows in groups
-def test_corrupt_sparse24_is_an_error(tokens):
+def test_corrupt_sparse24_is_an_error(tokens, dtype):
     gen = torch.Generator().manual_seed(4)
-    q = packed("2:4", 8, 64, torch.float32, gen)
-    meta = q.meta.clone()
-    meta[3, 1] = 0x55  # both groups (1, 1): equal indices
-    x = torch.randn(tokens, 64)
-    with pytest.raises(ValueError, match="inconsistent"):
-        torch.ops.owl_sparse.sparse24_linear(x, q.values, meta, None)
+    q = packed("2:4", 8, 64, dtype, gen)
+    x = torch.randn(tokens, 64).to(dtype)
+    for isa in ISAS:
+        for byte in (0x55, 0x45, 0x54):  # both groups, the first, the second repeat an index
+            meta = q.meta.clone()
+            meta[3, 1] = byte
+            with cpu.use_isa(isa), pytest.raises(ValueError, match="inconsistent"):
+                torch.ops.owl_sparse.sparse24_linear(x, q.values, meta, None)
 
 
 def test_bad_tensors_are_named():
