@@ -29,14 +29,36 @@ inline __m256 load8x32(const float* p, int count, bool exact) {
   return _mm256_load_ps(buf);
 }
 
-// The 8 weights of mask byte b, widened to fp32 (16-bit) or zero-filled (fp32).
+// Byte j of mask word m times 2^S (a table row of 2^S bytes): a rotation (rorx, which
+// leaves m in its register) and an and, not a copy, zero-extension, add and shift a byte;
+// its popcount is the byte's (4096 x 4096 bf16 at 70%, one token, one thread, hot, Zen 3:
+// 3.7-4.5 -> 3.0-3.3 ns a word, separate processes).
+template <int S>
+inline unsigned scaled_byte(uint32_t m, int j) {
+  const unsigned r = unsigned(8 * j - S) & 31u;
+  return ((m >> r) | (m << ((32u - r) & 31u))) & (0xffu << S);
+}
+
+template <int S, class T>
+inline const T* table_row(const T (*table)[(1 << S) / sizeof(T)], unsigned off) {
+  return reinterpret_cast<const T*>(reinterpret_cast<const char*>(table) + off);
+}
+
+// Table rows per dtype: bf16to32 and expand32 hold 32 bytes a mask byte, expand16 16.
 template <DType D>
-inline __m256 expand8(unsigned b, const std::conditional_t<D == DType::kFloat32, float, uint16_t>*& p,
+constexpr int kRowShift = D == DType::kFloat16 ? 4 : 5;
+
+// The 8 weights of mask byte b (given as off = b << kRowShift<D>), widened to fp32 (16-bit)
+// or zero-filled (fp32).
+template <DType D>
+inline __m256 expand8(unsigned off, const std::conditional_t<D == DType::kFloat32, float, uint16_t>*& p,
                       bool exact) {
-  const int c = __builtin_popcount(b);
+  constexpr int S = kRowShift<D>;
+  const int c = __builtin_popcount(off);
   __m256 out;
   if constexpr (D == DType::kFloat32) {
-    const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTables.expand32[b]));
+    const unsigned b = off >> S;
+    const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table_row<S>(kTables.expand32, off)));
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(b)), bit), bit);
     out = _mm256_and_ps(_mm256_permutevar8x32_ps(load8x32(p, c, exact), idx), _mm256_castsi256_ps(on));
@@ -47,10 +69,10 @@ inline __m256 expand8(unsigned b, const std::conditional_t<D == DType::kFloat32,
                             : _mm256_broadcastsi128_si256(
                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     out = _mm256_castsi256_ps(_mm256_shuffle_epi8(
-        v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTables.bf16to32[b]))));
+        v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table_row<S>(kTables.bf16to32, off)))));
   } else {
     const __m128i e = _mm_shuffle_epi8(load8x16(p, c, exact),
-                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTables.expand16[b])));
+                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(table_row<S>(kTables.expand16, off))));
     out = _mm256_cvtph_ps(e);
   }
   p += c;
@@ -75,7 +97,7 @@ struct Ops {
   }
   static W decode_with(uint32_t m, const VT*& p, bool exact) {
     W w;
-    for (int j = 0; j < 4; ++j) w.q[j] = expand8<D>((m >> (8 * j)) & 0xffu, p, exact);
+    for (int j = 0; j < 4; ++j) w.q[j] = expand8<D>(scaled_byte<kRowShift<D>>(m, j), p, exact);
     return w;
   }
   static W decode(uint32_t m, const VT*& p) { return decode_with(m, p, false); }

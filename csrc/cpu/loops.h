@@ -68,11 +68,20 @@ template <class Ops, int R, int T, int XS = T>
 bool bitmap_rows(const BitmapView& w, const typename Ops::XT* x, int64_t strip, int row0,
                  int64_t ct0, int64_t ct1, int32_t* cur, typename Ops::Acc* accmem,
                  int64_t ahead = 0) {
-  typename Ops::Acc acc[R][T];
+  // More accumulators than the register file holds (one token, whole strips, on AVX2 and
+  // the portable path): the rows go in a loop, not unrolled, each row's accumulators read
+  // from accmem and written back around its words.  Unrolled over the 16 rows, the AVX2
+  // bf16 kernel was 17760 instructions of code, far more than the op cache and
+  // L1i hold: front-end bound (4096 x 4096 at 70%, one thread, hot, Zen 3: 5.6 ns a word;
+  // 3.7-4.5 rolled, in separate processes on a VM whose speed moves +-30%).
+  constexpr bool kInMemory = R > 1 && R * T > Ops::kMaxAcc;
+  static_assert(!kInMemory || T < kWordMajorTokens, "word by word needs register accumulators");
+  typename Ops::Acc acc[kInMemory ? 1 : R][T];
+  if constexpr (!kInMemory)
 #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)
+    for (int i = 0; i < R; ++i)
 #pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) acc[i][t] = accmem[i * XS + t];
+      for (int t = 0; t < T; ++t) acc[i][t] = accmem[i * XS + t];
   const int64_t nct = w.col_tiles(), wpr = nct * 4, last_tile = w.strips() * nct;
   const uint32_t* bm =
       reinterpret_cast<const uint32_t*>(w.bitmap) + (strip * kTileN + row0) * wpr;
@@ -127,6 +136,24 @@ bool bitmap_rows(const BitmapView& w, const typename Ops::XT* x, int64_t strip, 
         }
       }
       p = pr[R - 1];
+    } else if constexpr (kInMemory) {
+#pragma GCC unroll 1
+      for (int i = 0; i < R; ++i) {
+        if constexpr (R == kTileN) __builtin_prefetch(p + kPrefetchValues);
+        typename Ops::Acc a[T];
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t) a[t] = accmem[i * XS + t];
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          const uint32_t m = words[i * wpr + k];
+          if (near_end && p + __builtin_popcount(m) > end) return false;
+          const typename Ops::W e = near_end ? Ops::decode_exact(m, p) : Ops::decode(m, p);
+#pragma GCC unroll 16
+          for (int t = 0; t < T; ++t) Ops::fma(a[t], e, xc + (k * XS + t) * 32);
+        }
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t) accmem[i * XS + t] = a[t];
+      }
     } else {
       // Row by row: each decoded word meets its T activation vectors (L1-resident: the
       // chunking below keeps them there), the R x T accumulators in registers.
@@ -145,10 +172,11 @@ bool bitmap_rows(const BitmapView& w, const typename Ops::XT* x, int64_t strip, 
     }
     cur[ct] = int32_t(p - vals);
   }
+  if constexpr (!kInMemory)
 #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)
+    for (int i = 0; i < R; ++i)
 #pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) accmem[i * XS + t] = acc[i][t];
+      for (int t = 0; t < T; ++t) accmem[i * XS + t] = acc[i][t];
   return true;
 }
 

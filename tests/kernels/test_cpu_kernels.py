@@ -239,20 +239,24 @@ def test_unpack_is_exact(isa):
                     )
 
 
-@pytest.mark.parametrize("tokens", [2, 6])  # the row-by-row and the word-by-word loop
+# One token: whole strips, rows in a loop (accumulators in memory where the registers hold
+# fewer than 16); 2: row by row; 6: word by word.
+@pytest.mark.parametrize("tokens", [1, 2, 6])
 @pytest.mark.parametrize("backend", ["cpu_sparse", "dense"])
 def test_corrupt_bitmap_is_an_error_not_an_answer(backend, tokens):
     gen = torch.Generator().manual_seed(3)
     p = packed("bitmap", 40, 300, torch.bfloat16, gen)
     bits = p.bitmap.clone()
     bits[5, 2] = -1  # 32 more kept positions than tile_offsets account for
-    x = torch.randn(tokens, 300).bfloat16()
-    with dispatch.force_backend("bitmap", backend), pytest.raises(ValueError, match="inconsistent"):
-        torch.ops.owl_sparse.bitmap_linear(x, bits, p.values, p.tile_offsets, None, 40, 300)
     offsets = p.tile_offsets.clone()
     offsets[1] = -7
-    with dispatch.force_backend("bitmap", backend), pytest.raises(ValueError, match="inconsistent"):
-        torch.ops.owl_sparse.bitmap_linear(x, p.bitmap, p.values, offsets, None, 40, 300)
+    x = torch.randn(tokens, 300).bfloat16()
+    for isa in ISAS:
+        with cpu.use_isa(isa), dispatch.force_backend("bitmap", backend):
+            with pytest.raises(ValueError, match="inconsistent"):
+                torch.ops.owl_sparse.bitmap_linear(x, bits, p.values, p.tile_offsets, None, 40, 300)
+            with pytest.raises(ValueError, match="inconsistent"):
+                torch.ops.owl_sparse.bitmap_linear(x, p.bitmap, p.values, offsets, None, 40, 300)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)  # bf16 on AVX2: its own 2:4 decode
