@@ -19,6 +19,7 @@ struct Tables {
   uint8_t meta24[256];         // 2:4: the 8-column mask of one meta byte (two groups)
   uint8_t expand16[256][16];   // AVX2: pshufb controls expanding one mask byte's 16-bit values
   int32_t expand32[256][8];    // AVX2: vpermps indices expanding one mask byte's fp32 values
+  int32_t keep32[256][8];      // AVX2: all ones under the byte's set bits, zero elsewhere
   // AVX2: vpshufb controls (both 128-bit lanes reading the same 8 packed bf16 values) that
   // place one mask byte's values as fp32 (bf16 in the upper half, zero below), 8 lanes.
   uint8_t bf16to32[256][32];
@@ -27,7 +28,7 @@ struct Tables {
   // values in column order), and the popcount of the byte's mask (4 unless an index repeats).
   uint8_t sp24to32[256][32];
   uint8_t pop24[256];
-  constexpr Tables() : meta24(), expand16(), expand32(), bf16to32(), sp24to32(), pop24() {
+  constexpr Tables() : meta24(), expand16(), expand32(), keep32(), bf16to32(), sp24to32(), pop24() {
     for (int b = 0; b < 256; ++b) {
       int m = 0;
       for (int g = 0; g < 2; ++g) {
@@ -55,6 +56,7 @@ struct Tables {
         expand16[b][2 * j] = on ? uint8_t(2 * rank) : uint8_t(0x80);  // 0x80: pshufb writes 0
         expand16[b][2 * j + 1] = on ? uint8_t(2 * rank + 1) : uint8_t(0x80);
         expand32[b][j] = on ? rank : 0;
+        keep32[b][j] = on ? -1 : 0;
         bf16to32[b][4 * j] = bf16to32[b][4 * j + 1] = uint8_t(0x80);
         bf16to32[b][4 * j + 2] = on ? uint8_t(2 * rank) : uint8_t(0x80);
         bf16to32[b][4 * j + 3] = on ? uint8_t(2 * rank + 1) : uint8_t(0x80);

@@ -57,11 +57,11 @@ inline __m256 expand8(unsigned off, const std::conditional_t<D == DType::kFloat3
   const int c = __builtin_popcount(off);
   __m256 out;
   if constexpr (D == DType::kFloat32) {
-    const unsigned b = off >> S;
+    // vpermps moves the values under their columns, an and with the byte's keep32 row
+    // zeroes the others (a table load, not a broadcast, an and and a compare).
     const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table_row<S>(kTables.expand32, off)));
-    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(b)), bit), bit);
-    out = _mm256_and_ps(_mm256_permutevar8x32_ps(load8x32(p, c, exact), idx), _mm256_castsi256_ps(on));
+    const __m256 keep = _mm256_loadu_ps(reinterpret_cast<const float*>(table_row<S>(kTables.keep32, off)));
+    out = _mm256_and_ps(_mm256_permutevar8x32_ps(load8x32(p, c, exact), idx), keep);
   } else if constexpr (D == DType::kBFloat16) {
     // The 8 values in both 128-bit lanes (a broadcast load), one in-lane vpshufb puts each
     // under its column as fp32: no widening after the shuffle.
@@ -171,21 +171,17 @@ struct Copy {
   static W decode_with(uint32_t m, const VT*& p, bool exact) {
     W w;
     for (int j = 0; j < 4; ++j) {
-      const unsigned b = (m >> (8 * j)) & 0xffu;
-      const int c = __builtin_popcount(b);
       if constexpr (Wide) {
-        const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTables.expand32[b]));
-        const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-        const __m256i on =
-            _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(b)), bit), bit);
-        _mm256_storeu_ps(w.v + 8 * j, _mm256_and_ps(_mm256_permutevar8x32_ps(load8x32(p, c, exact), idx),
-                                                    _mm256_castsi256_ps(on)));
+        _mm256_storeu_ps(w.v + 8 * j, expand8<DType::kFloat32>(scaled_byte<kRowShift<DType::kFloat32>>(m, j), p, exact));
       } else {
+        constexpr int S = kRowShift<DType::kFloat16>;  // expand16: 16-byte rows
+        const unsigned off = scaled_byte<S>(m, j);
+        const int c = __builtin_popcount(off);
         const __m128i e = _mm_shuffle_epi8(
-            load8x16(p, c, exact), _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTables.expand16[b])));
+            load8x16(p, c, exact), _mm_loadu_si128(reinterpret_cast<const __m128i*>(table_row<S>(kTables.expand16, off))));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(w.v + 8 * j), e);
+        p += c;
       }
-      p += c;
     }
     return w;
   }
