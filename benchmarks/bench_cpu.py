@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     doc = run(args.grid, args.budget_s, args.target_s, patterns=args.patterns, layers=args.layers)
+    doc["command"] = "python -m benchmarks.bench_cpu " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     from owl_sparse.ops import cpu
 
     table = args.table_out
@@ -362,7 +365,8 @@ def main(argv=None) -> dict:
         # the packed formats' entries; the "dense" ones (cpu_dense_layers) are kept
         update_table(Path(table), cpu.device_key(), doc["dispatch"])
         doc["table"] = table
-    md = env_markdown(doc["env"]) + f"\n\nread bandwidth {doc['read_bandwidth_gbps']:.1f} GB/s; "
+    md = env_markdown(doc["env"]) + f"\n- command: `{doc['command']}`"
+    md += f"\n\nread bandwidth {doc['read_bandwidth_gbps']:.1f} GB/s; "
     md += f"weights rotated over >= 3 x {doc['llc_bytes'] / 2**20:.0f} MiB\n\n" + to_markdown(doc)
     if args.out:
         out = Path(args.out)

@@ -352,7 +352,12 @@ def test_cpu_kernel_bench_tiny_grid(tmp_path):
     assert {e["backend"] for e in doc["dispatch"]} <= {"cpu_sparse", "dense"}
     saved = dispatch.save_table(tmp_path / "t.json", cpu.device_key(), doc["dispatch"])
     assert json.loads(saved.read_text())["entries"]
-    assert out.with_suffix(".md").read_text().count("|") > 10
+    md = out.with_suffix(".md").read_text()
+    assert md.count("|") > 10
+    assert (
+        f"- command: `python -m benchmarks.bench_cpu --grid tiny --target-s 0.02 --out {out}" in md
+    )
+    assert json.loads(out.with_suffix(".json").read_text())["command"] == doc["command"]
     assert out.with_suffix(".png").stat().st_size > 0
 
 
