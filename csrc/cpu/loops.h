@@ -136,13 +136,11 @@ bool bitmap_rows(const BitmapView& w, const typename Ops::XT* x, int64_t strip, 
         }
       }
       p = pr[R - 1];
-    } else if constexpr (kInMemory) {
-#pragma GCC unroll 1
-      for (int i = 0; i < R; ++i) {
+    } else {
+      // Row by row: each decoded word meets its T activation vectors (L1-resident: the
+      // chunking below keeps them there); row i's 4 words into its T accumulators a.
+      const auto row = [&](int i, typename Ops::Acc* a) {
         if constexpr (R == kTileN) __builtin_prefetch(p + kPrefetchValues);
-        typename Ops::Acc a[T];
-#pragma GCC unroll 16
-        for (int t = 0; t < T; ++t) a[t] = accmem[i * XS + t];
 #pragma GCC unroll 4
         for (int k = 0; k < 4; ++k) {
           const uint32_t m = words[i * wpr + k];
@@ -151,23 +149,23 @@ bool bitmap_rows(const BitmapView& w, const typename Ops::XT* x, int64_t strip, 
 #pragma GCC unroll 16
           for (int t = 0; t < T; ++t) Ops::fma(a[t], e, xc + (k * XS + t) * 32);
         }
+        return true;
+      };
+      if constexpr (kInMemory) {
+#pragma GCC unroll 1
+        for (int i = 0; i < R; ++i) {
+          typename Ops::Acc a[T];
 #pragma GCC unroll 16
-        for (int t = 0; t < T; ++t) accmem[i * XS + t] = a[t];
-      }
-    } else {
-      // Row by row: each decoded word meets its T activation vectors (L1-resident: the
-      // chunking below keeps them there), the R x T accumulators in registers.
+          for (int t = 0; t < T; ++t) a[t] = accmem[i * XS + t];
+          if (!row(i, a)) return false;
 #pragma GCC unroll 16
-      for (int i = 0; i < R; ++i) {
-        if constexpr (R == kTileN) __builtin_prefetch(p + kPrefetchValues);
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; ++k) {
-          const uint32_t m = words[i * wpr + k];
-          if (near_end && p + __builtin_popcount(m) > end) return false;
-          const typename Ops::W e = near_end ? Ops::decode_exact(m, p) : Ops::decode(m, p);
-#pragma GCC unroll 16
-          for (int t = 0; t < T; ++t) Ops::fma(acc[i][t], e, xc + (k * XS + t) * 32);
+          for (int t = 0; t < T; ++t) accmem[i * XS + t] = a[t];
         }
+      } else {
+        // The R x T accumulators in registers.
+#pragma GCC unroll 16
+        for (int i = 0; i < R; ++i)
+          if (!row(i, acc[i])) return false;
       }
     }
     cur[ct] = int32_t(p - vals);
